@@ -1,0 +1,76 @@
+"""Command line: `python -m training train --data SOURCE --out PATH [options]`.
+
+The options are generated from `TrainConfig`, one per field, with its default in --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from .config import TrainConfig
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _base_type(annotation: str) -> type | typing.Any:
+    """The field's type without its `| None`, from the dataclass's string annotation."""
+    hint = typing.get_type_hints(TrainConfig)[annotation]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = _base_type(f.name)
+        default = None if f.default is MISSING else f.default
+        shown = "auto" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            convert = _parse_ints if typing.get_origin(kind) is tuple else kind
+            parser.add_argument(flag, dest=f.name, type=convert, default=default, help=help_text,
+                                metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a VAE and export its artifact")
+    add_train_arguments(train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .train import train
+
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+        try:
+            train(TrainConfig(**values), command=shlex.join(["python", "-m", "training", *argv]))
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Write the artifact: one TorchScript file the service can load with nothing else.
+
+The file holds `ServableVAE` compiled by `torch.jit.script` (not traced, so every method keeps its
+control flow) and, as a TorchScript extra file, `metadata.json`: input shape and scaling, latent
+size, likelihood, architecture, data summary, metrics, the training command and config, the
+torch version, and the calibration scores from which the service derives thresholds and p-values.
+A `PATH.sha256` (sha256sum's format) is written beside it. Loading uses `torch.jit.load` alone:
+no Python unpickling, no import of this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .scoring import SCORE_KINDS, ServableVAE
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def score_images(module: torch.nn.Module, images: np.ndarray | torch.Tensor, kind: str | None = None,
+                 batch_size: int = 256) -> np.ndarray:
+    """Anomaly scores (N,) of images (N, C, H, W), in batches, with the module's default kind
+    unless one is named. Works on the eager `ServableVAE` and on the loaded TorchScript alike."""
+    images = torch.as_tensor(images)
+    parts = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        parts.append(module.score(x) if kind is None else module.score_by(x, kind))
+    return torch.cat(parts).double().numpy() if parts else np.zeros(0)
+
+
+def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: dict[str, Any],
+                   metrics: dict[str, Any], history: list[dict[str, float]], command: str,
+                   parameters: int) -> dict[str, Any]:
+    """Everything the service and a reader need about the model, in one JSON-able dict."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input": {
+            "channels": vae_config.channels,
+            "height": vae_config.height,
+            "width": vae_config.width,
+            "color_mode": "L" if vae_config.channels == 1 else "RGB",
+            "value_range": [0.0, 1.0],
+            "scaling": "8-bit pixels / 255; images of another size are resized bilinearly",
+        },
+        "latent_dim": vae_config.latent_dim,
+        "likelihood": vae_config.likelihood,
+        "architecture": {**asdict(vae_config), "parameters": parameters},
+        "score": {"kind": config["score"], "kinds": list(SCORE_KINDS), "samples": config["score_samples"],
+                  "units": "nats per image", "higher_is_more_anomalous": True},
+        "data": data,
+        "metrics": metrics,
+        "history": history,
+        "training": {"command": command, "config": config, "torch": torch.__version__},
+    }
+
+
+def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,
+                    path: Path) -> dict[str, Any]:
+    """Script the servable, score the calibration images with the scripted module (exactly as
+    the service will), and write the artifact atomically with its sha256 beside it."""
+    scripted = torch.jit.script(servable.eval())
+    scores = score_images(scripted, calibration_images)
+    metadata = {**metadata, "calibration": {
+        "split": "calibration",
+        "count": len(scores),
+        "score_kind": servable.score_kind,
+        "scores": [float(s) for s in np.sort(scores)],
+    }}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    scripted.save(str(partial), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    os.replace(partial, path)
+    path.with_name(path.name + ".sha256").write_text(f"{sha256_of(path)}  {path.name}\n")
+    return metadata
+
+
+def load_artifact(path: Path, verify: bool = True) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The scripted module and its metadata; with verify, the sha256 sidecar must match."""
+    if verify:
+        sidecar = path.with_name(path.name + ".sha256")
+        expected = sidecar.read_text().split()[0]
+        if sha256_of(path) != expected:
+            raise ValueError(f"{path} does not match its checksum in {sidecar}")
+    extra = {METADATA_FILE: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module.eval(), json.loads(extra[METADATA_FILE])

@@ -1,0 +1,98 @@
+"""What an artifact holds and the service calls: the trained VAE plus its anomaly scores.
+
+`ServableVAE` is written to be compiled by `torch.jit.script`, so the service runs the very code
+that scored the calibration images. Every method takes images (B, C, H, W) in [0, 1].
+
+Scores (higher = more anomalous, nats per image):
+- `recon`: -log p(x | z = mu), the reconstruction term at the latent mean;
+- `elbo`:  -ELBO = E_q[-log p(x | z)] + KL(q(z | x) || p(z)), the expectation over K samples;
+- `iwae`:  -log p(x) estimated with K importance samples (Burda et al., 2016), a tighter bound.
+The K latent samples use one fixed noise draw stored in the module (common random numbers), so a
+score is deterministic and does not depend on which other images share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .model import VAE
+
+SCORE_KINDS = ("recon", "elbo", "iwae")
+
+
+class ServableVAE(nn.Module):
+    def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        assert score_kind in SCORE_KINDS, f"score kind must be one of {SCORE_KINDS}, got {score_kind!r}"
+        self.vae = vae
+        self.score_kind = score_kind
+        noise = torch.randn(score_samples, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("score_eps", noise)                           # (K, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction: the decoder's mean image at z = mu."""
+        mu, _ = self.vae.encode(x)
+        return self.vae.mean(self.vae.decode_logits(mu))
+
+    @torch.jit.export
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """mu and log sigma^2 of q(z | x), (B, d) each."""
+        return self.vae.encode(x)
+
+    @torch.jit.export
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] for latents z (B, d)."""
+        return self.vae.mean(self.vae.decode_logits(z))
+
+    @torch.jit.export
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """-log p(x | z = mu) per image (B,): the training log's reconstruction term."""
+        mu, _ = self.vae.encode(x)
+        return self.vae.pixel_nll(x, self.vae.decode_logits(mu)).flatten(1).sum(1)
+
+    @torch.jit.export
+    def score(self, x: Tensor) -> Tensor:
+        """The artifact's default anomaly score per image (B,)."""
+        return self.score_by(x, self.score_kind)
+
+    @torch.jit.export
+    def score_by(self, x: Tensor, kind: str) -> Tensor:
+        if kind == "recon":
+            return self.reconstruction_error(x)
+        mu, log_var = self.vae.encode(x)
+        log_px_z, log_pz, log_qz = self._sample_terms(x, mu, log_var)      # (B, K) each
+        if kind == "elbo":
+            return -log_px_z.mean(1) + self.vae.kl(mu, log_var)
+        if kind == "iwae":
+            k = log_px_z.shape[1]
+            return -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
+        raise ValueError("unknown score kind " + kind + ": expected recon, elbo or iwae")
+
+    @torch.jit.export
+    def anomaly_map(self, x: Tensor) -> Tensor:
+        """Per-pixel anomaly (B, H, W): the pixel's -log p(x | z = mu) above the least it could be
+        for that pixel value, summed over channels. Zero where the reconstruction is exact."""
+        mu, _ = self.vae.encode(x)
+        logits = self.vae.decode_logits(mu)
+        excess = self.vae.pixel_nll(x, logits) - self.vae.pixel_nll(x, self._best_logits(x))
+        return excess.clamp(min=0.0).sum(1)
+
+    def _best_logits(self, x: Tensor) -> Tensor:
+        """Logits whose mean is x itself: the per-pixel minimum of the reconstruction loss."""
+        p = x.clamp(1e-6, 1 - 1e-6)
+        return torch.log(p) - torch.log1p(-p)
+
+    def _sample_terms(self, x: Tensor, mu: Tensor, log_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """log p(x | z_k), log p(z_k) and log q(z_k | x) for the K fixed noise draws, (B, K) each."""
+        b, k, d = mu.shape[0], self.score_eps.shape[0], mu.shape[1]
+        eps = self.score_eps.unsqueeze(0)                                   # (1, K, d)
+        z = mu.unsqueeze(1) + eps * torch.exp(0.5 * log_var).unsqueeze(1)   # (B, K, d)
+        logits = self.vae.decode_logits(z.reshape(b * k, d))                # (B*K, C, H, W)
+        x_k = x.unsqueeze(1).expand(b, k, x.shape[1], x.shape[2], x.shape[3]).reshape(logits.shape)
+        log_px_z = -self.vae.pixel_nll(x_k, logits).flatten(1).sum(1).view(b, k)
+        log_pz = -0.5 * (z.pow(2) + self.vae.log_2pi).sum(2)
+        log_qz = -0.5 * (eps.pow(2) + self.vae.log_2pi + log_var.unsqueeze(1)).sum(2)
+        return log_px_z, log_pz, log_qz

@@ -1,0 +1,327 @@
+"""Train a VAE on images and export it as one self-describing TorchScript artifact.
+
+One process:    python -m training train --data digits --out models/digits.pt
+Several (DDP):  torchrun --nproc-per-node 2 -m training train --data fashion-mnist --out m.pt
+
+Distribution is decided once, from torchrun's environment (WORLD_SIZE, RANK). Every process loads
+the data and takes its share of each global batch; gradients are averaged by
+DistributedDataParallel (gloo on CPU); only rank 0 logs and writes files. Each epoch's shuffle
+and noise come from generators seeded by (seed, epoch), so a CPU run repeats bit for bit and a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import plots
+from .config import TrainConfig, resolve, validate
+from .data import ImageSet, Splits, load_source, split_set
+from .export import build_metadata, export_artifact, score_images
+from .model import VAE, VAEConfig, build_vae
+from .scoring import ServableVAE
+
+EVAL_BATCH = 1024
+IWAE_SAMPLES = 128          # importance samples for the test log-likelihood estimate
+IWAE_MAX_IMAGES = 1000      # ... on at most this many test images, to bound its cost
+DECODES_PER_BATCH = 2048    # images x samples decoded at once, to bound memory
+# settings a resumed run may change; any other difference means a different model
+RESUMABLE = {"epochs", "patience", "resume", "quiet", "report", "checkpoint_every", "threads",
+             "device", "name", "score", "score_samples", "out"}
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch_dist.get_rank(), world_size)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def generator(device: torch.device, *parts: int) -> torch.Generator:
+    """A generator seeded by a tuple (seed, epoch, rank, ...), independent of any other draw."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def kl_weight(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """beta, reached linearly over the warm-up epochs (per step), constant after."""
+    if config.warmup_epochs <= 0:
+        return config.beta
+    return config.beta * min(1.0, (epoch + step / steps) / config.warmup_epochs)
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                config: TrainConfig, epoch: int, dist: Distributed, progress: bool) -> dict[str, float]:
+    """One pass over the training images; returns the mean rec, KL and total per image."""
+    device = images.device
+    order = torch.randperm(len(images), generator=generator(torch.device("cpu"), config.seed, epoch))
+    noise = generator(device, config.seed, epoch, dist.rank, 1)
+    steps = len(images) // config.batch_size                    # the trailing partial batch is dropped
+    rec_sum, kl_sum, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0
+    model.train()
+    for step in tqdm(range(steps), leave=False, disable=not progress or steps < 200, desc=f"epoch {epoch}"):
+        # this process's share of the global batch
+        index = order[step * config.batch_size:(step + 1) * config.batch_size][dist.rank::dist.world_size]
+        x = images[index.to(device)]
+        eps = torch.randn(len(x), config.latent_dim, generator=noise, device=device)
+        rec, kl = model(x, eps)                                 # (b,) each
+        loss = (rec + kl_weight(config, epoch, step, steps) * kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        rec_sum += rec.detach().sum().cpu()
+        kl_sum += kl.detach().sum().cpu()
+        count += len(x)
+    return _means(rec_sum, kl_sum, count, dist)
+
+
+@torch.no_grad()
+def evaluate(vae: VAE, images: torch.Tensor, seed: int, dist: Distributed) -> dict[str, float]:
+    """Mean one-sample rec, KL and total (-ELBO) per image, with a fixed noise seed so epochs compare."""
+    vae.eval()
+    shard = images[dist.rank::dist.world_size]
+    noise = generator(images.device, seed, dist.rank, 2)
+    rec_sum, kl_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for start in range(0, len(shard), EVAL_BATCH):
+        x = shard[start:start + EVAL_BATCH]
+        rec, kl = vae(x, torch.randn(len(x), vae.config.latent_dim, generator=noise, device=x.device))
+        rec_sum += rec.sum().cpu()
+        kl_sum += kl.sum().cpu()
+    return _means(rec_sum, kl_sum, len(shard), dist)
+
+
+def _means(rec_sum: torch.Tensor, kl_sum: torch.Tensor, count: int, dist: Distributed) -> dict[str, float]:
+    """Per-image means over every process's images."""
+    sums = torch.stack([rec_sum, kl_sum, torch.tensor(float(count), dtype=torch.float64)])
+    if dist.world_size > 1:
+        torch_dist.all_reduce(sums)
+    rec, kl, n = sums.tolist()
+    return {"rec": rec / n, "kl": kl / n, "total": (rec + kl) / n}
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)          # never a half-written checkpoint
+
+
+def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)    # tensors and plain data only
+    saved = TrainConfig.from_dict(state["config"]).to_dict()
+    changed = {k for k, v in config.to_dict().items() if k not in RESUMABLE and saved.get(k) != v}
+    if changed:
+        raise ValueError(f"--resume: the checkpoint was trained with different {sorted(changed)}; "
+                         f"they must match (only {sorted(RESUMABLE)} may change)")
+    return state
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def prepare(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, Splits, ImageSet]:
+    """Load and split the data, then resolve the auto settings from its shape."""
+    validate(config)
+    data = load_source(config.data, config.image_size, config.channels, config.pixel_max)
+    splits = split_set(data, config.val_fraction, config.cal_fraction, config.test_fraction,
+                       config.seed, config.class_filter, config.max_images)
+    _, channels, height, width = data.images.shape
+    config = resolve(replace(config, channels=channels), height, width)
+    if config.batch_size % world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must divide evenly over the processes")
+    return config, splits, data
+
+
+def vae_config_of(config: TrainConfig, splits: Splits) -> VAEConfig:
+    _, c, h, w = splits.train.images.shape
+    return VAEConfig(arch=config.arch, channels=c, height=h, width=w, latent_dim=config.latent_dim,
+                     hidden=tuple(config.hidden), conv_channels=tuple(config.conv_channels or ()),
+                     likelihood=config.likelihood)
+
+
+def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
+    """Train, export the artifact (rank 0) and return its metadata."""
+    started = time.perf_counter()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    dist = setup_distributed(device)
+    config, splits, data = prepare(config, dist.world_size)
+    out = Path(config.out)
+    if dist.master:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    log = print if dist.master else (lambda *a, **k: None)
+    log(f"data: {data.source}, {len(data)} images of {tuple(data.images.shape[1:])}; split train "
+        f"{len(splits.train)} / val {len(splits.val)} / cal {len(splits.cal)} / test {len(splits.test)}"
+        + (f"; {dist.world_size} processes" if dist.world_size > 1 else ""))
+
+    torch.manual_seed(config.seed)                  # the initial weights
+    vae = build_vae(vae_config_of(config, splits)).to(device)
+    model = DistributedDataParallel(vae) if dist.world_size > 1 else vae
+    optimizer = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    train_images = torch.as_tensor(splits.train.images, device=device)
+    val_images = torch.as_tensor(splits.val.images, device=device)
+
+    history: list[dict[str, float]] = []
+    best = {"val": float("inf"), "epoch": -1, "bad_epochs": 0, "state": None}
+    start_epoch, seconds_before = 0, 0.0
+    if config.resume:
+        state = load_checkpoint(checkpoint_path(out), config)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        seconds_before = state["seconds"]
+        log(f"resumed from {checkpoint_path(out)} at epoch {start_epoch}")
+
+    log_every = max(1, config.epochs // 10) if config.epochs > 50 else 1   # the seed logs every 20 of 201
+    bar = tqdm(range(start_epoch, config.epochs), disable=config.quiet or not dist.master,
+               desc="training", unit="epoch")
+    for epoch in bar:
+        trained = train_epoch(model, optimizer, train_images, config, epoch, dist, not config.quiet)
+        validated = evaluate(vae, val_images, config.seed, dist)
+        history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in trained.items()},
+                        **{f"val_{k}": v for k, v in validated.items()}})
+        # keep the weights with the best validation -ELBO; stop when it has not improved for a while
+        if validated["total"] < best["val"]:
+            best = {"val": validated["total"], "epoch": epoch + 1, "bad_epochs": 0,
+                    "state": {k: v.detach().clone() for k, v in vae.state_dict().items()}}
+        else:
+            best["bad_epochs"] += 1
+        stop = config.patience > 0 and best["bad_epochs"] >= config.patience
+        bar.set_postfix(rec=f"{trained['rec']:.2f}", kl=f"{trained['kl']:.2f}", val=f"{validated['total']:.2f}")
+        if epoch % log_every == 0 or epoch + 1 == config.epochs or stop:
+            line = (f"epoch {epoch + 1:4d}  rec {trained['rec']:8.3f}  kl {trained['kl']:7.3f}  total "
+                    f"{trained['total']:8.3f}  |  val rec {validated['rec']:8.3f}  kl {validated['kl']:7.3f}  "
+                    f"total {validated['total']:8.3f}")
+            if dist.master:
+                tqdm.write(line)
+        last = epoch + 1 == config.epochs or stop
+        if dist.master and config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or last):
+            save_checkpoint(checkpoint_path(out), {
+                "config": config.to_dict(), "epoch": epoch + 1, "model": vae.state_dict(),
+                "optimizer": optimizer.state_dict(), "history": history, "best": best,
+                "seconds": seconds_before + time.perf_counter() - started})
+        if stop:
+            log(f"early stop: validation -ELBO has not improved for {config.patience} epochs")
+            break
+    bar.close()
+
+    if best["state"] is not None:
+        vae.load_state_dict(best["state"])
+    seconds = seconds_before + time.perf_counter() - started
+    metadata: dict[str, Any] = {}
+    if dist.master:
+        metadata = finish(vae.cpu(), config, splits, data, history, best["epoch"], seconds, command)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    return metadata
+
+
+def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, history: list[dict[str, float]],
+           best_epoch: int, seconds: float, command: str | None) -> dict[str, Any]:
+    """Test metrics, the artifact with its calibration, and the plots."""
+    out = Path(config.out)
+    servable = ServableVAE(vae, config.score, config.score_samples, config.seed).eval()
+    metrics = test_metrics(vae, servable, splits, config)
+    metrics.update(best_epoch=best_epoch, epochs_run=len(history), train_seconds=round(seconds, 2),
+                   **{f"final_{k}": v for k, v in (history[-1] if history else {}).items() if k != "epoch"})
+    metadata = build_metadata(
+        name=config.name or out.stem, config=config.to_dict(), vae_config=vae.config,
+        data={**data.summary(), "class_filter": config.class_filter,
+              "splits": {k: len(getattr(splits, k)) for k in ("train", "val", "cal", "test")}},
+        metrics=metrics, history=history, parameters=sum(p.numel() for p in vae.parameters()),
+        command=command or shlex.join(["python", "-m", "training", "train", *sys.argv[2:]]))
+    metadata = export_artifact(servable, metadata, splits.cal.images, out)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.name}.sha256; test -ELBO "
+          f"{metrics['test_elbo']:.3f}, test -log p(x) <= {metrics['test_nll_iwae']:.3f} nats per image")
+    if config.report:
+        written = write_plots(servable, splits, history, report_dir(out))
+        print(f"plots: {', '.join(str(p) for p in written)}")
+    return metadata
+
+
+@torch.no_grad()
+def test_metrics(vae: VAE, servable: ServableVAE, splits: Splits, config: TrainConfig) -> dict[str, float]:
+    """Held-out figures: -ELBO (one sample per image), an importance-weighted bound on -log p(x),
+    and for one-class runs the AUROC of the anomaly score, normal class against the others."""
+    test = splits.test
+    normal = test if config.class_filter is None else test.subset(np.flatnonzero(test.labels == config.class_filter))
+    x = torch.as_tensor(normal.images)
+    one_sample = evaluate(vae, x, config.seed + 1, Distributed())
+    tight = ServableVAE(vae, "iwae", IWAE_SAMPLES, config.seed + 2).eval()
+    nll = score_images(tight, x[:IWAE_MAX_IMAGES], batch_size=max(1, DECODES_PER_BATCH // IWAE_SAMPLES))
+    metrics = {"test_rec": one_sample["rec"], "test_kl": one_sample["kl"], "test_elbo": one_sample["total"],
+               "test_nll_iwae": float(nll.mean()), "test_images": len(normal)}
+    if config.class_filter is not None:
+        from sklearn.metrics import roc_auc_score
+
+        scores = score_images(servable, test.images)
+        metrics["test_auroc_one_class"] = float(roc_auc_score(test.labels != config.class_filter, scores))
+    return metrics
+
+
+def report_dir(out: Path) -> Path:
+    return out.with_name(out.stem + "-report")
+
+
+@torch.no_grad()
+def write_plots(servable: ServableVAE, splits: Splits, history: list[dict[str, float]], folder: Path) -> list[Path]:
+    test = splits.test
+    x = torch.as_tensor(test.images[:2000])
+    mu, _ = servable.encode(x)
+    latent_dim = mu.shape[1]
+    written = [
+        plots.plot_losses(history, folder / "loss_curves.png"),
+        plots.plot_reconstructions(x[:10].numpy(), servable(x[:10]).numpy(), folder / "reconstructions.png"),
+        plots.plot_grid(servable.decode(torch.randn(40, latent_dim, generator=torch.Generator().manual_seed(0))).numpy(),
+                        10, "samples from the prior", folder / "samples.png"),
+        plots.plot_latent(mu.numpy(), None if test.labels is None else test.labels[:2000], test.class_names,
+                          folder / "latent_space.png"),
+    ]
+    if latent_dim == 2:
+        written.append(plots.plot_manifold(servable.decode, folder / "manifold.png"))
+    return written
