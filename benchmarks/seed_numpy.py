@@ -48,8 +48,8 @@ class SeedVAE:
         u_dec = z @ p["dec"][0] + p["dec"][1]
         h_dec = np.maximum(u_dec, 0)
         y = 1 / (1 + np.exp(-(h_dec @ p["out"][0] + p["out"][1])))
-        return dict(x=x, u_enc=u_enc, h_enc=h_enc, mu=mu, log_var=log_var, eps=eps, z=z,
-                    u_dec=u_dec, h_dec=h_dec, y=y)
+        return {"x": x, "u_enc": u_enc, "h_enc": h_enc, "mu": mu, "log_var": log_var, "eps": eps, "z": z,
+                "u_dec": u_dec, "h_dec": h_dec, "y": y}
 
     def gradients(self, f: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
         """Gradients of the batch-summed BCE + KL, as the seed's backward pass computes them."""

@@ -42,7 +42,7 @@ class ImageSet:
     def summary(self) -> dict:
         n, c, h, w = self.images.shape
         counts = None if self.labels is None else {int(k): int(v) for k, v in
-                                                   zip(*np.unique(self.labels, return_counts=True))}
+                                                   zip(*np.unique(self.labels, return_counts=True), strict=True)}
         return {"source": self.source, "images": n, "channels": c, "height": h, "width": w,
                 "class_counts": counts, "class_names": self.class_names}
 

@@ -88,12 +88,13 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
         "score_kind": servable.score_kind,
         "scores": [float(s) for s in np.sort(scores)],
     }}
+    text = json.dumps(metadata, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    scripted.save(str(partial), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    scripted.save(str(partial), _extra_files={METADATA_FILE: text})
     os.replace(partial, path)
     path.with_name(path.name + ".sha256").write_text(f"{sha256_of(path)}  {path.name}\n")
-    return metadata
+    return json.loads(text)         # exactly what the file holds
 
 
 def load_artifact(path: Path, verify: bool = True) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

@@ -130,7 +130,7 @@ class ConvVAE(VAE):
         features = math.prod(self.feature_shape)
         widths = [config.channels, *config.conv_channels]
         self.encoder = nn.Sequential(
-            *[_down_stage(a, b) for a, b in zip(widths[:-1], widths[1:])],  # (B, c_k, H/2^k, W/2^k)
+            *[_down_stage(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)],  # (B, c_k, H/2^k, W/2^k)
             nn.Flatten(),
             *_dense_stack([features, *config.hidden]),
         )
@@ -138,7 +138,7 @@ class ConvVAE(VAE):
         self.decoder = nn.Sequential(
             *_dense_stack([config.latent_dim, *reversed(config.hidden), features]),
             nn.Unflatten(1, self.feature_shape),
-            *[_up_stage(a, b) for a, b in zip(widths[:1:-1], widths[-2:0:-1])],
+            *[_up_stage(a, b) for a, b in zip(widths[:1:-1], widths[-2:0:-1], strict=True)],
             nn.ConvTranspose2d(widths[1], config.channels, 4, stride=2, padding=1),   # -> logits
         )
 
@@ -152,7 +152,7 @@ class ConvVAE(VAE):
 
 def _dense_stack(widths: list[int]) -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return layers
 

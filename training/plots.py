@@ -44,7 +44,8 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 def plot_grid(images: np.ndarray, columns: int, title: str, path: Path) -> Path:
     grid = image_grid(images, columns)
-    fig, ax = plt.subplots(figsize=(min(12, 0.5 + columns * 0.7), 0.5 + grid.shape[0] / grid.shape[1] * columns * 0.7))
+    width = min(12.0, 0.5 + columns * 0.7)
+    fig, ax = plt.subplots(figsize=(width, 0.5 + width * grid.shape[0] / grid.shape[1]))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")

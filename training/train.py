@@ -289,13 +289,16 @@ def test_metrics(vae: VAE, servable: ServableVAE, splits: Splits, config: TrainC
     """Held-out figures: -ELBO (one sample per image), an importance-weighted bound on -log p(x),
     and for one-class runs the AUROC of the anomaly score, normal class against the others."""
     test = splits.test
-    normal = test if config.class_filter is None else test.subset(np.flatnonzero(test.labels == config.class_filter))
-    x = torch.as_tensor(normal.images)
+    if config.class_filter is not None:
+        test_normal = test.subset(np.flatnonzero(test.labels == config.class_filter))
+    else:
+        test_normal = test
+    x = torch.as_tensor(test_normal.images)
     one_sample = evaluate(vae, x, config.seed + 1, Distributed())
     tight = ServableVAE(vae, "iwae", IWAE_SAMPLES, config.seed + 2).eval()
     nll = score_images(tight, x[:IWAE_MAX_IMAGES], batch_size=max(1, DECODES_PER_BATCH // IWAE_SAMPLES))
     metrics = {"test_rec": one_sample["rec"], "test_kl": one_sample["kl"], "test_elbo": one_sample["total"],
-               "test_nll_iwae": float(nll.mean()), "test_images": len(normal)}
+               "test_nll_iwae": float(nll.mean()), "test_images": len(test_normal)}
     if config.class_filter is not None:
         from sklearn.metrics import roc_auc_score
 
@@ -309,19 +312,19 @@ def report_dir(out: Path) -> Path:
 
 
 @torch.no_grad()
-def write_plots(servable: ServableVAE, splits: Splits, history: list[dict[str, float]], folder: Path) -> list[Path]:
+def write_plots(servable: ServableVAE, splits: Splits, history: list[dict[str, float]],
+                folder: Path) -> list[Path]:
     test = splits.test
     x = torch.as_tensor(test.images[:2000])
     mu, _ = servable.encode(x)
-    latent_dim = mu.shape[1]
+    prior_z = torch.randn(40, mu.shape[1], generator=torch.Generator().manual_seed(0))
     written = [
         plots.plot_losses(history, folder / "loss_curves.png"),
         plots.plot_reconstructions(x[:10].numpy(), servable(x[:10]).numpy(), folder / "reconstructions.png"),
-        plots.plot_grid(servable.decode(torch.randn(40, latent_dim, generator=torch.Generator().manual_seed(0))).numpy(),
-                        10, "samples from the prior", folder / "samples.png"),
+        plots.plot_grid(servable.decode(prior_z).numpy(), 10, "samples from the prior", folder / "samples.png"),
         plots.plot_latent(mu.numpy(), None if test.labels is None else test.labels[:2000], test.class_names,
                           folder / "latent_space.png"),
     ]
-    if latent_dim == 2:
+    if mu.shape[1] == 2:
         written.append(plots.plot_manifold(servable.decode, folder / "manifold.png"))
     return written
