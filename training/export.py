@@ -48,6 +48,15 @@ def score_images(module: torch.nn.Module, images: np.ndarray | torch.Tensor, kin
     return torch.cat(parts).double().numpy() if parts else np.zeros(0)
 
 
+@torch.no_grad()
+def map_scale(module: torch.nn.Module, images: np.ndarray, quantile: float = 0.999, batch_size: int = 256) -> float:
+    """A high quantile of the per-pixel anomaly map over normal images: the value a heat map
+    shows at full strength, the same for every image of this model."""
+    images = torch.as_tensor(images)
+    maps = [module.anomaly_map(images[i:i + batch_size]).flatten() for i in range(0, len(images), batch_size)]
+    return float(torch.quantile(torch.cat(maps)[:16_000_000].double(), quantile))
+
+
 def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: dict[str, Any],
                    metrics: dict[str, Any], history: list[dict[str, float]], command: str,
                    parameters: int) -> dict[str, Any]:
@@ -87,6 +96,7 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
         "count": len(scores),
         "score_kind": servable.score_kind,
         "scores": [float(s) for s in np.sort(scores)],
+        "map_scale": map_scale(scripted, calibration_images),
     }}
     text = json.dumps(metadata, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,175 @@
+"""Adaptive micro-batching in front of the model.
+
+A request submits k images and awaits its own future. One loop per operation drains the queue
+into a batch, cut at `max_images` images (counting images, not requests) or `max_wait` seconds
+after the first one arrived, whichever comes first; a request never waits longer than that before
+its batch starts. The batch runs on the model's single executor thread, and each request gets its
+own slice of every output, in order. If a batch fails, each request in it is retried alone, so a
+request that breaks the model fails by itself.
+
+Requests that would wait longer than `max_queue_wait` for the model are refused at once
+(`Overloaded`, a 503 with Retry-After), so a burst never grows latency or memory for everyone.
+This module knows nothing of HTTP or images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import Overloaded
+
+log = logging.getLogger("service.batching")
+BatchFunction = Callable[[Tensor], Sequence[Tensor]]
+
+
+@dataclass
+class BatchStats:
+    """What one batch did, for the metrics."""
+    images: int
+    requests: int
+    queue_seconds: list[float]
+    model_seconds: float
+
+
+@dataclass
+class _Item:
+    inputs: Tensor                      # (k, ...) for one request
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, name: str, run: BatchFunction, executor: Executor, max_images: int = 64,
+                 max_wait: float = 0.001, max_queue_wait: float = 2.0,
+                 on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
+        self.name = name
+        self._run = run
+        self._executor = executor
+        self.max_images = max_images
+        self.max_wait = max_wait
+        self.max_queue_wait = max_queue_wait
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._carry: _Item | None = None         # took it from the queue, but it did not fit
+        self._queued_images = 0
+        self._seconds_per_image = 0.0            # running estimate, for admission
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # ---- the request side -----------------------------------------------------------------------
+    async def submit(self, inputs: Tensor) -> tuple[Tensor, ...]:
+        """Queue one request's inputs (k, ...) and await its outputs, each (k, ...)."""
+        self._admit(len(inputs))
+        item = _Item(inputs, asyncio.get_running_loop().create_future())
+        self._queued_images += len(inputs)
+        self._queue.put_nowait(item)
+        return await item.future
+
+    def _admit(self, images: int) -> None:
+        expected_wait = (self._queued_images + images) * self._seconds_per_image
+        if self._queued_images and expected_wait > self.max_queue_wait:
+            raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, about "
+                             f"{expected_wait:.1f} s); retry later", retry_after_s=math.ceil(expected_wait))
+
+    # ---- the model side -----------------------------------------------------------------------
+    async def _next(self, timeout: float | None) -> _Item | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            return None if self._queue.empty() else self._queue.get_nowait()
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _collect(self) -> list[_Item]:
+        """Block for the first request, then take more until the batch is full or the wait is over."""
+        first = await self._next(None)
+        batch, images = [first], len(first.inputs)
+        deadline = time.perf_counter() + self.max_wait
+        while images < self.max_images:
+            item = await self._next(deadline - time.perf_counter())
+            if item is None:
+                break
+            if images + len(item.inputs) > self.max_images:
+                self._carry = item                   # starts the next batch
+                break
+            batch.append(item)
+            images += len(item.inputs)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            gone = [item for item in batch if item.future.done()]       # clients that gave up
+            self._queued_images -= sum(len(item.inputs) for item in gone)
+            batch = [item for item in batch if not item.future.done()]
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._call, [i.inputs for i in batch])
+        except Exception as error:
+            if len(batch) > 1:          # find the request that broke it: each alone
+                for item in batch:
+                    await self._execute([item])
+                return
+            self._queued_images -= len(batch[0].inputs)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return
+        model_seconds = time.perf_counter() - started
+        images = sum(len(i.inputs) for i in batch)
+        self._queued_images -= images
+        self._update_speed(model_seconds / images)
+        start = 0
+        for item in batch:
+            end = start + len(item.inputs)
+            if not item.future.done():
+                item.future.set_result(tuple(out[start:end] for out in outputs))
+            start = end
+        if self._on_batch is not None:
+            stats = BatchStats(images, len(batch), [started - i.enqueued for i in batch], model_seconds)
+            with contextlib.suppress(Exception):            # a metric never fails a request
+                self._on_batch(self.name, stats)
+
+    def _update_speed(self, seconds_per_image: float) -> None:
+        """An exponential moving average, so admission follows the model's recent speed."""
+        previous = self._seconds_per_image
+        self._seconds_per_image = seconds_per_image if not previous else 0.8 * previous + 0.2 * seconds_per_image
+
+    def _call(self, inputs: list[Tensor]) -> Sequence[Tensor]:
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        outputs = self._run(x)
+        if any(len(out) != len(x) for out in outputs):
+            raise RuntimeError(f"{self.name}: the model returned outputs not matching {len(x)} inputs")
+        return outputs

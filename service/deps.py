@@ -1,0 +1,54 @@
+"""Shared resources as FastAPI dependencies, each with an Annotated alias for the handlers."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Query, Request
+
+from .codecs import ImageSpec
+from .errors import NotReady
+from .inference import Inference
+from .inputs import read_images
+from .metrics import Metrics
+from .schemas import ImageFormat
+from .settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_inference(request: Request) -> Inference:
+    inference = request.app.state.inference
+    if inference is None:
+        raise NotReady(f"no model is loaded: {request.app.state.load_error or 'still starting'}")
+    return inference
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+
+
+async def get_images(request: Request, inference: InferenceDep, settings: SettingsDep, metrics: MetricsDep,
+                     resize: Annotated[bool, Query(description="resize images of another size to the "
+                                                               "model's; false makes that a 422")] = True,
+                     ) -> np.ndarray:
+    """The request's images as (N, C, H, W) float32, decoded off the event loop."""
+    c, h, w = inference.runtime.input_shape
+    spec = ImageSpec(c, h, w, resize=resize, max_pixels=settings.max_image_pixels)
+    started = time.perf_counter()
+    images = await read_images(request, spec, settings.max_images_per_request)
+    metrics.codec_seconds.labels("decode").observe(time.perf_counter() - started)
+    return images
+
+
+ImagesDep = Annotated[np.ndarray, Depends(get_images)]
+FormatQuery = Annotated[ImageFormat, Query(description="json: nested lists in [0, 1]; png: base64 PNG strings")]

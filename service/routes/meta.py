@@ -1,0 +1,75 @@
+"""About the service: /model, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from ..deps import InferenceDep, MetricsDep, SettingsDep
+from ..errors import NotReady
+from ..schemas import FastJSONResponse, Status
+
+router = APIRouter(tags=["service"])
+REPORTED_FPRS = (0.001, 0.005, 0.01, 0.05, 0.1)
+
+
+@router.get("/model")
+async def model(inference: InferenceDep, settings: SettingsDep) -> Response:
+    """The artifact's metadata: identity, input shape, latent size, score, calibration, training."""
+    return FastJSONResponse(model_info(inference.runtime, settings))
+
+
+def model_info(runtime: Any, settings: Any) -> dict[str, Any]:
+    meta = runtime.metadata
+    scores = runtime.calibration_scores
+    return {
+        "name": runtime.name,
+        "version": meta.get("created"),
+        "format_version": meta["format_version"],
+        "checksum": {"sha256": runtime.sha256, "verified": settings.verify_checksum},
+        "input": meta["input"],
+        "latent_dim": runtime.latent_dim,
+        "likelihood": meta.get("likelihood"),
+        "architecture": meta.get("architecture"),
+        "score": meta.get("score", {"kind": runtime.score_kind}),
+        "calibration": {
+            "count": len(scores), "score_kind": runtime.score_kind, "default_fpr": settings.default_fpr,
+            "threshold": runtime.threshold(settings.default_fpr),
+            "thresholds": {str(f): runtime.threshold(f) for f in REPORTED_FPRS},
+            "min": float(scores[0]), "median": float(scores[len(scores) // 2]), "max": float(scores[-1]),
+            "map_scale": runtime.map_scale,
+        },
+        "training": {"data": meta.get("data"), "metrics": meta.get("metrics"),
+                     "command": meta.get("training", {}).get("command"),
+                     "config": meta.get("training", {}).get("config"),
+                     "torch": meta.get("training", {}).get("torch")},
+        "limits": {"max_images_per_request": settings.max_images_per_request,
+                   "max_body_bytes": settings.max_body_bytes, "max_image_pixels": settings.max_image_pixels,
+                   "max_sample_n": settings.max_sample_n, "max_interpolate_steps": settings.max_interpolate_steps},
+    }
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """200 while the process lives."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"description": "no model loaded or answering"}})
+async def readyz(request: Request) -> Status:
+    """200 when a model is loaded and its batchers are running, else 503."""
+    inference = request.app.state.inference
+    if inference is None:
+        raise NotReady(f"no model is loaded: {request.app.state.load_error or 'still starting'}")
+    if not inference.alive():
+        raise NotReady("the model loop has stopped")
+    return Status(status="ready", model=inference.runtime.name)
+
+
+@router.get("/metrics")
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

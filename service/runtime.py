@@ -1,0 +1,164 @@
+"""The model runtime: the one module that touches `torch.jit`.
+
+It loads an artifact (after checking its sha256 sidecar and format version), reads the metadata
+it carries, sets torch's threads, warms the model up, and exposes tensor-in, tensor-out calls.
+Thresholds and p-values come from the calibration scores inside the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ArtifactError
+
+SUPPORTED_FORMAT_VERSIONS = {1}
+METADATA_FILE = "metadata.json"
+REQUIRED_METHODS = ("encode", "decode", "forward", "reconstruction_error", "score", "anomaly_map")
+log = logging.getLogger("service.runtime")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path) -> str:
+    """The artifact's sha256, checked against `PATH.sha256`; raises ArtifactError if they differ."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.exists():
+        raise ArtifactError(f"{path}: no checksum file {sidecar.name} beside it "
+                            "(set VAE_VERIFY_CHECKSUM=false to serve it unchecked)")
+    expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ArtifactError(f"{path}: sha256 {actual[:12]}… does not match {sidecar.name} "
+                            f"({expected[:12]}…); the file is corrupt or was replaced")
+    return actual
+
+
+@dataclass
+class ModelRuntime:
+    module: torch.jit.ScriptModule
+    metadata: dict[str, Any]
+    path: Path
+    sha256: str
+    calibration_scores: np.ndarray      # sorted ascending
+
+    @classmethod
+    def load(cls, path: Path, verify: bool = True, threads: int = 0) -> ModelRuntime:
+        """Load and check an artifact; every failure is one ArtifactError saying what is wrong."""
+        if not path.is_file():
+            raise ArtifactError(f"no model artifact at {path} (set VAE_MODEL_PATH or --model)")
+        checksum = verify_checksum(path) if verify else sha256_of(path)
+        if threads:
+            torch.set_num_threads(threads)
+        extra = {METADATA_FILE: ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            metadata = json.loads(extra[METADATA_FILE] or "null")
+        except (RuntimeError, ValueError) as error:
+            raise ArtifactError(f"{path} is not a TorchScript VAE artifact: {str(error).splitlines()[0]}") from None
+        check_metadata(metadata, module, path)
+        scores = np.sort(np.asarray(metadata["calibration"]["scores"], dtype=np.float64))
+        return cls(module.eval(), metadata, path, checksum, scores)
+
+    # ---- shape and identity ---------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        shape = self.metadata["input"]
+        return shape["channels"], shape["height"], shape["width"]
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.metadata["latent_dim"])
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", self.path.stem))
+
+    @property
+    def score_kind(self) -> str:
+        return str(self.metadata["calibration"]["score_kind"])
+
+    @property
+    def map_scale(self) -> float:
+        """Anomaly-map value shown at full strength in heat maps, from calibration."""
+        return float(self.metadata["calibration"].get("map_scale") or 1.0)
+
+    # ---- model calls (tensors in, tensors out; run them off the event loop) -----------------------
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            return self.module.encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.module.decode(z)
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstructions (B, C, H, W) and reconstruction errors (B,)."""
+        with torch.inference_mode():
+            return self.module(x), self.module.reconstruction_error(x)
+
+    def score(self, x: Tensor) -> tuple[Tensor]:
+        with torch.inference_mode():
+            return (self.module.score(x),)
+
+    def score_with_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores (B,) and per-pixel anomaly maps (B, H, W)."""
+        with torch.inference_mode():
+            return self.module.score(x), self.module.anomaly_map(x)
+
+    def warm_up(self, rounds: int = 3) -> float:
+        """Run every method a few times so the first request pays no first-call cost; returns seconds."""
+        started = time.perf_counter()
+        x = torch.rand(2, *self.input_shape, generator=torch.Generator().manual_seed(0))
+        for _ in range(rounds):
+            self.reconstruct(x)
+            self.score_with_map(x)
+            self.decode(self.encode(x)[0])
+        return time.perf_counter() - started
+
+    # ---- calibration ----------------------------------------------------------------------------
+    def threshold(self, fpr: float) -> float:
+        """The calibration score at false-positive rate fpr (conformal): `score > threshold` holds
+        exactly when the p-value is <= fpr. Below 1/(n+1) no score can reach that, so the largest
+        calibration score is returned."""
+        n = len(self.calibration_scores)
+        index = n - math.floor(fpr * (n + 1))
+        return float(self.calibration_scores[min(max(index, 0), n - 1)])
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """(1 + #{calibration scores >= score}) / (n + 1), per score."""
+        n = len(self.calibration_scores)
+        at_least = n - np.searchsorted(self.calibration_scores, scores, side="left")
+        return (1 + at_least) / (n + 1)
+
+
+def check_metadata(metadata: Any, module: torch.jit.ScriptModule, path: Path) -> None:
+    """Refuse artifacts this service cannot serve, naming what is missing."""
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{path} carries no {METADATA_FILE}; was it written by `python -m training train`?")
+    version = metadata.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ArtifactError(f"{path} has format version {version!r}; this service reads "
+                            f"{sorted(SUPPORTED_FORMAT_VERSIONS)}")
+    missing = [key for key in ("input", "latent_dim", "calibration") if key not in metadata]
+    missing += [f"method {m}" for m in REQUIRED_METHODS if not hasattr(module, m)]
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}")
+    if not metadata["calibration"].get("scores"):
+        raise ArtifactError(f"{path} has no calibration scores, so no threshold can be set")

@@ -1,0 +1,55 @@
+"""All service configuration in one class, read from VAE_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.pt"
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    # ---- model --------------------------------------------------------------------------------
+    model_path: Path = Field(DEFAULT_MODEL, description="the artifact to serve")
+    verify_checksum: bool = Field(True, description="refuse an artifact whose sha256 sidecar differs or is missing")
+
+    # ---- server -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the model")
+    torch_threads: int = Field(0, ge=0, description="torch threads per process (0: cores / workers)")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    # ---- batching -----------------------------------------------------------------------------
+    max_batch_images: int = Field(64, ge=1, description="a batch is cut at this many images ...")
+    max_batch_wait_ms: float = Field(1.0, ge=0, description="... or after this wait, whichever comes first")
+    max_queue_wait_s: float = Field(2.0, gt=0, description="a request that would wait longer for the model "
+                                                         "is refused at once with 503 and Retry-After")
+
+    # ---- limits -------------------------------------------------------------------------------
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="request body limit (413 past it)")
+    max_images_per_request: int = Field(256, ge=1, description="images in one request (413 past it)")
+    max_image_pixels: int = Field(16_000_000, ge=64, description="pixels of one decoded image, checked "
+                                                               "before decoding (413 past it)")
+    max_sample_n: int = Field(1024, ge=1, description="largest n for /sample (422 past it)")
+    max_interpolate_steps: int = Field(256, ge=2, description="largest steps for /interpolate (422 past it)")
+    default_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the default threshold")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.max_batch_images > 4096:
+            raise ValueError("VAE_MAX_BATCH_IMAGES above 4096 would hold gigabytes per batch")
+        return self
+
+    def resolved_torch_threads(self) -> int:
+        """workers x threads <= cores by default, so processes do not fight over the CPU."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
