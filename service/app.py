@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse
 from .errors import ArtifactError, ServiceError
 from .inference import Inference
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from .routes import generate, images, meta
+from .middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
+from .routes import generate, images, kserve, meta
 from .runtime import ModelRuntime
 from .settings import Settings
 
@@ -46,6 +46,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics.ready.set(1)
         log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", runtime.name, settings.model_path,
                  runtime.sha256[:12], seconds)
+        if settings.default_fpr < runtime.min_fpr:
+            log.warning("VAE_DEFAULT_FPR=%g is below what %d calibration scores support (%.3g): /anomaly-score "
+                        "answers 422 unless a request passes a larger fpr", settings.default_fpr,
+                        len(runtime.calibration_scores), runtime.min_fpr)
     try:
         yield
     finally:
@@ -62,15 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.inference = None
     app.state.load_error = None
     add_error_handlers(app)
+    # the last added is the outermost: metrics see every status, including the 500s and 413s below them
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for router in (images.router, generate.router, meta.router):
+    for router in (images.router, generate.router, meta.router, kserve.router):
         app.include_router(router)
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error becomes JSON with a readable `detail`; a 500 never carries a traceback."""
+    """Every error becomes JSON with a readable `detail` (unexpected ones: InternalErrorMiddleware)."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -86,10 +92,3 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
                             headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "")
-        log.exception("unexpected error in %s %s (request %s)", request.method, request.url.path, request_id)
-        return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
-                            status_code=500)

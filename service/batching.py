@@ -92,7 +92,7 @@ class Batcher:
         expected_wait = (self._queued_images + images) * self._seconds_per_image
         if self._queued_images and expected_wait > self.max_queue_wait:
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, about "
-                             f"{expected_wait:.1f} s); retry later", retry_after_s=math.ceil(expected_wait))
+                             f"{expected_wait:.2g} s); retry later", retry_after_s=math.ceil(expected_wait))
 
     # ---- the model side -----------------------------------------------------------------------
     async def _next(self, timeout: float | None) -> _Item | None:

@@ -10,6 +10,7 @@ import orjson
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from . import codecs
@@ -63,10 +64,11 @@ async def read_images(request: Request, spec: ImageSpec, max_images: int) -> np.
 async def _from_multipart(request: Request, spec: ImageSpec, max_images: int) -> np.ndarray:
     try:
         form = await request.form(max_files=max_images, max_fields=16)
-    except MultiPartException as error:
-        if "many files" in str(error).lower():
-            raise TooLarge(f"more than {max_images} files in one request") from None
-        raise BadInput(f"the multipart body could not be parsed: {error}") from None
+    except (MultiPartException, HTTPException) as error:   # Starlette turns the first into a 400
+        message = str(getattr(error, "detail", None) or error)
+        if "too many files" in message.lower():
+            raise TooLarge(f"more than {max_images} files in one request; the limit is {max_images}") from None
+        raise BadInput(f"the multipart body could not be parsed: {message}") from None
     try:
         parts = form.getlist("files")
         codecs.check_count(len(parts), max_images)

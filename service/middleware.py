@@ -14,6 +14,7 @@ from .errors import TooLarge
 from .metrics import Metrics
 
 access_log = logging.getLogger("service.access")
+error_log = logging.getLogger("service")
 
 
 class BodyLimitMiddleware:
@@ -90,6 +91,34 @@ class RequestMetricsMiddleware:
                                             "ms": round(seconds * 1000, 2)}))
         except Exception:
             pass
+
+
+class InternalErrorMiddleware:
+    """Answers an unexpected exception with a JSON 500 that names the request id, and logs the
+    traceback. Unlike Starlette's last-resort handler it does not re-raise, so the server keeps
+    the client's connection open instead of dropping it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = scope.get("state", {}).get("request_id", "")
+            error_log.exception("unexpected error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if started:        # half a response is out: nothing sensible left to send
+                raise
+            await _reject(scope, send, 500, f"internal error; quote request id {request_id} when reporting it")
 
 
 async def _reject(scope: Scope, send: Send, status: int, detail: str, headers: dict[str, Any] | None = None) -> None:

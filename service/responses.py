@@ -15,9 +15,27 @@ from .metrics import Metrics
 from .schemas import FastJSONResponse, ImageFormat
 
 
+def accept_quality(accept: str, media_type: str) -> float:
+    """The q-value an Accept header gives a media type, by its most specific matching entry."""
+    best, best_specificity = 0.0, -1
+    major = media_type.split("/")[0]
+    for entry in accept.split(","):
+        kind, *params = (part.strip() for part in entry.split(";"))
+        specificity = {media_type: 2, f"{major}/*": 1, "*/*": 0}.get(kind.lower(), -1)
+        if specificity > best_specificity:
+            quality = next((p[2:] for p in params if p.startswith("q=")), "1")
+            try:
+                best, best_specificity = float(quality), specificity
+            except ValueError:
+                continue
+    return best
+
+
 def wants_png_body(request: Request, count: int) -> bool:
-    """`Accept: image/png` and exactly one image: the PNG bytes are the whole body."""
-    return count == 1 and "image/png" in request.headers.get("accept", "")
+    """Exactly one image, and the client prefers image/png to JSON: the PNG bytes are the body."""
+    accept = request.headers.get("accept", "")
+    png = accept_quality(accept, "image/png")
+    return count == 1 and png > 0 and png > accept_quality(accept, "application/json")
 
 
 async def encode_images(images: np.ndarray, fmt: ImageFormat, metrics: Metrics) -> Any:

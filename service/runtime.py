@@ -135,11 +135,18 @@ class ModelRuntime:
     # ---- calibration ----------------------------------------------------------------------------
     def threshold(self, fpr: float) -> float:
         """The calibration score at false-positive rate fpr (conformal): `score > threshold` holds
-        exactly when the p-value is <= fpr. Below 1/(n+1) no score can reach that, so the largest
-        calibration score is returned."""
+        exactly when the p-value is <= fpr. Raises ValueError for an fpr below 1/(n+1), which no
+        p-value can reach: the calibration set is too small to promise it."""
         n = len(self.calibration_scores)
+        if fpr < self.min_fpr:
+            raise ValueError(f"fpr = {fpr:g} needs at least {math.ceil(1 / fpr) - 1:,} calibration scores; "
+                             f"this model has {n:,}, so the smallest fpr it supports is {self.min_fpr:.3g}")
         index = n - math.floor(fpr * (n + 1))
-        return float(self.calibration_scores[min(max(index, 0), n - 1)])
+        return float(self.calibration_scores[max(index, 0)])
+
+    @property
+    def min_fpr(self) -> float:
+        return 1 / (len(self.calibration_scores) + 1)
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """(1 + #{calibration scores >= score}) / (n + 1), per score."""

@@ -65,7 +65,10 @@ async def anomaly_score(
     fpr = fpr or settings.default_fpr
     outputs = await inference.run("score_map" if map else "score", images)
     scores = outputs[0].astype(np.float64)
-    threshold = runtime.threshold(fpr)
+    try:
+        threshold = runtime.threshold(fpr)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     p_values, flagged = runtime.p_values(scores), scores > threshold
     metrics.anomalies.inc(int(flagged.sum()))
     results = [{"score": float(s), "p_value": float(p), "is_anomaly": bool(f)}

@@ -37,8 +37,9 @@ def model_info(runtime: Any, settings: Any) -> dict[str, Any]:
         "score": meta.get("score", {"kind": runtime.score_kind}),
         "calibration": {
             "count": len(scores), "score_kind": runtime.score_kind, "default_fpr": settings.default_fpr,
-            "threshold": runtime.threshold(settings.default_fpr),
-            "thresholds": {str(f): runtime.threshold(f) for f in REPORTED_FPRS},
+            "threshold": runtime.threshold(settings.default_fpr) if settings.default_fpr >= runtime.min_fpr else None,
+            "thresholds": {str(f): runtime.threshold(f) for f in REPORTED_FPRS if f >= runtime.min_fpr},
+            "min_fpr": runtime.min_fpr,
             "min": float(scores[0]), "median": float(scores[len(scores) // 2]), "max": float(scores[-1]),
             "map_scale": runtime.map_scale,
         },
@@ -52,7 +53,7 @@ def model_info(runtime: Any, settings: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", response_model=Status)
+@router.get("/healthz", response_model=Status, response_model_exclude_none=True)
 async def healthz() -> Status:
     """200 while the process lives."""
     return Status(status="ok")

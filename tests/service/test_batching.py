@@ -1,0 +1,150 @@
+"""The batcher alone, with a counting fake model: batches are cut by image count or wait, each
+request gets exactly its own results in order, a bad request fails alone, overload is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.batching import Batcher, BatchStats
+from service.errors import Overloaded
+
+
+class CountingModel:
+    """y = 2x + 1 per image, remembering each batch size; a NaN input makes it raise, like a
+    model that cannot process one image."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.isnan(x).any():
+            raise ValueError("cannot process NaN")
+        self.batches.append(len(x))
+        time.sleep(self.delay)
+        return 2 * x + 1, x.sum(dim=1)
+
+
+def run(coro_fn, **batcher_options):  # returns (result, model, stats)
+    async def main():
+        executor = ThreadPoolExecutor(1)
+        model = batcher_options.pop("model", CountingModel())
+        stats: list[BatchStats] = []
+        batcher = Batcher("test", model, executor, on_batch=lambda _, s: stats.append(s), **batcher_options)
+        batcher.start()
+        try:
+            return await coro_fn(batcher), model, stats
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+    return asyncio.run(main())
+
+
+def requests_of(sizes: list[int]) -> list[torch.Tensor]:
+    return [torch.arange(k * 3, dtype=torch.float32).view(k, 3) + 100 * i for i, k in enumerate(sizes)]
+
+
+def test_concurrent_requests_get_their_own_results_in_order() -> None:
+    inputs = requests_of([1, 5, 2, 7, 1, 3])
+
+    async def go(batcher: Batcher):
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results, model, stats = run(go, max_images=64, max_wait=0.05)
+    for x, (doubled, sums) in zip(inputs, results, strict=True):
+        assert torch.equal(doubled, 2 * x + 1) and torch.equal(sums, x.sum(dim=1))
+    assert model.batches == [19]                    # all in one batch: batching proven
+    assert stats[0].requests == 6 and stats[0].images == 19
+
+
+def test_batches_are_cut_at_max_images_counting_images_not_requests() -> None:
+    inputs = requests_of([3, 3, 3, 3])
+
+    async def go(batcher: Batcher):
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results, model, _ = run(go, max_images=7, max_wait=0.05)
+    assert model.batches == [6, 6]                  # 3+3 fits in 7, a third would not: carried over
+    assert all(torch.equal(r[0], 2 * x + 1) for r, x in zip(results, inputs, strict=True))
+
+
+def test_a_request_larger_than_a_batch_runs_alone() -> None:
+    async def go(batcher: Batcher):
+        return await batcher.submit(requests_of([10])[0])
+
+    (doubled, _), model, _ = run(go, max_images=4, max_wait=0.0)
+    assert model.batches == [10] and doubled.shape == (10, 3)
+
+
+def test_a_lone_request_waits_no_longer_than_max_wait() -> None:
+    async def go(batcher: Batcher):
+        started = time.perf_counter()
+        await batcher.submit(requests_of([1])[0])
+        return time.perf_counter() - started
+
+    elapsed, _, stats = run(go, max_images=64, max_wait=0.2)
+    assert 0.19 <= elapsed < 1.0 and stats[0].queue_seconds[0] >= 0.19
+    elapsed, _, _ = run(go, max_images=64, max_wait=0.0)
+    assert elapsed < 0.15
+
+
+def test_a_failing_request_fails_alone() -> None:
+    good = requests_of([2, 3])
+    bad = torch.full((1, 3), float("nan"))
+
+    async def go(batcher: Batcher):
+        return await asyncio.gather(batcher.submit(good[0]), batcher.submit(bad), batcher.submit(good[1]),
+                                    return_exceptions=True)
+
+    (first, error, second), model, _ = run(go, max_images=64, max_wait=0.05)
+    assert isinstance(error, ValueError) and "NaN" in str(error)
+    assert torch.equal(first[0], 2 * good[0] + 1) and torch.equal(second[0], 2 * good[1] + 1)
+    assert sorted(model.batches) == [2, 3]          # the batch failed, then each ran alone
+
+
+def test_the_batcher_keeps_serving_after_a_failure() -> None:
+    async def go(batcher: Batcher):
+        with pytest.raises(ValueError):
+            await batcher.submit(torch.full((1, 3), float("nan")))
+        return await batcher.submit(requests_of([2])[0])
+
+    (doubled, _), _, _ = run(go, max_images=8, max_wait=0.0)
+    assert doubled.shape == (2, 3)
+
+
+def test_cancelled_requests_are_skipped() -> None:
+    async def go(batcher: Batcher):
+        slow = asyncio.ensure_future(batcher.submit(requests_of([2])[0]))     # occupies the model
+        await asyncio.sleep(0.01)
+        doomed = asyncio.ensure_future(batcher.submit(requests_of([5])[0]))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        kept = await batcher.submit(requests_of([1])[0])
+        await slow
+        return kept
+
+    _, model, _ = run(go, max_images=64, max_wait=0.0, model=CountingModel(delay=0.1))
+    assert 5 not in model.batches and model.batches == [2, 1]
+
+
+def test_overload_is_refused_at_once_with_retry_after() -> None:
+    async def go(batcher: Batcher):
+        await batcher.submit(requests_of([4])[0])               # teaches it ~0.05 s per image
+        waiting = [asyncio.ensure_future(batcher.submit(requests_of([4])[0])) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(requests_of([4])[0])
+        refusal_seconds = time.perf_counter() - started
+        done = await asyncio.gather(*waiting)                   # accepted requests are all answered
+        return refused.value, refusal_seconds, done
+
+    (error, seconds, done), _, _ = run(go, max_images=4, max_wait=0.0, max_queue_wait=0.7,
+                                       model=CountingModel(delay=0.2))
+    assert seconds < 0.05 and int(error.headers["Retry-After"]) >= 1
+    assert len(done) == 3 and all(d[0].shape == (4, 3) for d in done)
