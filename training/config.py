@@ -7,6 +7,7 @@ resolved config is stored in the artifact's metadata, so a model can always be r
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -47,7 +48,8 @@ class TrainConfig:
                                       "(0: never; auto: 0 mlp, 5 conv)")
     seed: int = _opt(0, "seeds the split, the initial weights, the shuffles and the noise")
     device: str = _opt("cpu", "cpu, cuda or auto")
-    threads: int = _opt(0, "torch threads per process (0: torch's default)")
+    threads: int | None = _opt(None, "torch threads per process (auto: 1 mlp, whose tiny matrices only "
+                                     "wait for a second core; all cores for conv)")
     # ---- scoring and output ---------------------------------------------------------------
     score: str = _opt("elbo", "default anomaly score: recon, elbo or iwae")
     score_samples: int = _opt(16, "fixed latent samples the elbo/iwae scores average over")
@@ -69,8 +71,9 @@ class TrainConfig:
 
 # The auto defaults: the seed's configuration for small images, a conv VAE above.
 AUTO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"hidden": (16,), "latent_dim": 2, "epochs": 201, "batch_size": 32, "patience": 0},
-    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5},
+    "mlp": {"hidden": (16,), "latent_dim": 2, "epochs": 201, "batch_size": 32, "patience": 0, "threads": 1},
+    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5,
+             "threads": os.cpu_count() or 1},
 }
 MLP_MAX_PIXELS = 16 * 16
 
