@@ -22,10 +22,11 @@ class Settings(BaseSettings):
 
     # ---- server -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the model")
     torch_threads: int = Field(0, ge=0, description="torch threads per process (0: cores / workers)")
-    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
+                           description="critical, error, warning, info (one JSON access line per request) or debug")
 
     # ---- batching -----------------------------------------------------------------------------
     max_batch_images: int = Field(64, ge=1, description="a batch is cut at this many images ...")

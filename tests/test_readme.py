@@ -1,0 +1,45 @@
+"""The README says what the code does: its settings table is the Settings class, its commands exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_settings() -> dict[str, tuple[str, str]]:
+    rows = re.findall(r"^\| `(VAE_[A-Z_]+)` \| `([^`]*)` \| (.+?) \|$", README, flags=re.MULTILINE)
+    return {name: (default, meaning) for name, default, meaning in rows}
+
+
+def test_settings_table_lists_every_setting_with_its_default() -> None:
+    documented = readme_settings()
+    fields = Settings.model_fields
+    assert set(documented) == {f"VAE_{name.upper()}" for name in fields}
+    for name, field in fields.items():
+        default, meaning = documented[f"VAE_{name.upper()}"]
+        if name == "model_path":
+            assert Path(field.default) == ROOT / default
+        else:
+            expected = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+            assert default == expected, name
+        assert meaning == field.description
+
+
+def test_the_two_commands_come_first_and_exist() -> None:
+    first_block = README.split("```sh", 1)[1].split("```", 1)[0]
+    assert re.findall(r"^make (\w+)", first_block, flags=re.MULTILINE) == ["run", "test"]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("run", "test", "models", "bench", "lint"):
+        assert re.search(rf"^{target}:", makefile, flags=re.MULTILINE), target
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_contract_endpoint_is_shown() -> None:
+    for path in ("/encode", "/decode", "/reconstruct", "/sample", "/anomaly-score", "/interpolate", "/model",
+                 "/healthz", "/readyz", "/metrics"):
+        assert f"localhost:8000{path}" in README or f"`GET {path}`" in README, path
