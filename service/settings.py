@@ -9,7 +9,25 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.pt"
+
+def default_model() -> Path:
+    """models/digits.pt of the source tree this package runs from; when the package is installed
+    elsewhere (site-packages), models/digits.pt under the working directory."""
+    beside_package = Path(__file__).resolve().parents[1] / "models" / "digits.pt"
+    return beside_package if beside_package.exists() else Path.cwd() / "models" / "digits.pt"
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (a container's
+    CPU limit), which os.cpu_count() does not see."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 MiB = 1024 * 1024
 
 
@@ -17,14 +35,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", env_file=".env", env_ignore_empty=True, extra="ignore")
 
     # ---- model --------------------------------------------------------------------------------
-    model_path: Path = Field(DEFAULT_MODEL, description="the artifact to serve")
+    model_path: Path = Field(default_factory=default_model, description="the artifact to serve")
     verify_checksum: bool = Field(True, description="refuse an artifact whose sha256 sidecar differs or is missing")
 
     # ---- server -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the model")
-    torch_threads: int = Field(0, ge=0, description="torch threads per process (0: cores / workers)")
+    torch_threads: int = Field(0, ge=0, description="torch threads per process (0: available CPUs / workers, "
+                                                   "a container's CPU limit included)")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
                            description="critical, error, warning, info (one JSON access line per request) or debug")
 
@@ -50,7 +69,7 @@ class Settings(BaseSettings):
         return self
 
     def resolved_torch_threads(self) -> int:
-        """workers x threads <= cores by default, so processes do not fight over the CPU."""
+        """workers x threads <= available CPUs by default, so processes do not fight over them."""
         if self.torch_threads:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return max(1, available_cpus() // self.workers)
