@@ -14,9 +14,21 @@ from ..schemas import FastJSONResponse, Status
 
 router = APIRouter(tags=["service"])
 REPORTED_FPRS = (0.001, 0.005, 0.01, 0.05, 0.1)
+MODEL_EXAMPLE = {
+    "name": "digits", "version": "2026-11-29T00:11:34+00:00", "format_version": 1,
+    "checksum": {"sha256": "784ee05724fa80de406b6c5a041c80fdbc83516ce9e47f2e892f1dbafe62e191", "verified": True},
+    "input": {"channels": 1, "height": 8, "width": 8, "color_mode": "L", "value_range": [0.0, 1.0]},
+    "latent_dim": 2, "likelihood": "bernoulli", "score": {"kind": "elbo", "units": "nats per image"},
+    "calibration": {"count": 270, "score_kind": "elbo", "default_fpr": 0.01, "threshold": 31.43,
+                    "thresholds": {"0.005": 32.03, "0.01": 31.43, "0.05": 29.87, "0.1": 28.70}, "min_fpr": 0.0037},
+    "training": {"metrics": {"test_elbo": 25.27}, "command": "python -m training train --data digits --out ..."},
+    "limits": {"max_images_per_request": 256, "max_sample_n": 1024},
+}
+METRICS_EXAMPLE = ('# TYPE vae_http_requests_total counter\n'
+                   'vae_http_requests_total{endpoint="/anomaly-score",method="POST",status="200"} 42.0\n')
 
 
-@router.get("/model")
+@router.get("/model", responses={200: {"content": {"application/json": {"example": MODEL_EXAMPLE}}}})
 async def model(inference: InferenceDep, settings: SettingsDep) -> Response:
     """The artifact's metadata: identity, input shape, latent size, score, calibration, training."""
     return FastJSONResponse(model_info(inference.runtime, settings))
@@ -70,7 +82,7 @@ async def readyz(request: Request) -> Status:
     return Status(status="ready", model=inference.runtime.name)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {"text/plain": {"example": METRICS_EXAMPLE}}}})
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format."""
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -267,4 +269,15 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         assert path in spec["paths"], path
     content = spec["paths"]["/anomaly-score"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/png", "application/json"} <= set(content)
+    text = client.get("/openapi.json").text
+    for path, operations in spec["paths"].items():
+        if path.startswith("/v2"):
+            continue
+        for method, operation in operations.items():
+            documented = json.dumps({k: operation.get(k) for k in ("requestBody", "responses")})
+            schemas = [ref.split("/")[-1] for ref in re.findall(r'"\$ref": "([^"]+)"', documented)]
+            has_example = "example" in documented or any(
+                "example" in json.dumps(spec["components"]["schemas"][name]) for name in schemas)
+            assert has_example or method == "get" and path in ("/healthz", "/readyz"), (method, path)
+    assert "examples" in text
     assert client.get("/docs").status_code == 200
