@@ -228,20 +228,11 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         validated = evaluate(vae, val_images, config.seed, dist)
         history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in trained.items()},
                         **{f"val_{k}": v for k, v in validated.items()}})
-        # keep the weights with the best validation -ELBO; stop when it has not improved for a while
-        if validated["total"] < best["val"]:
-            best = {"val": validated["total"], "epoch": epoch + 1, "bad_epochs": 0,
-                    "state": {k: v.detach().clone() for k, v in vae.state_dict().items()}}
-        else:
-            best["bad_epochs"] += 1
+        best = track_best(best, validated["total"], vae, epoch)
         stop = config.patience > 0 and best["bad_epochs"] >= config.patience
         bar.set_postfix(rec=f"{trained['rec']:.2f}", kl=f"{trained['kl']:.2f}", val=f"{validated['total']:.2f}")
-        if epoch % log_every == 0 or epoch + 1 == config.epochs or stop:
-            line = (f"epoch {epoch + 1:4d}  rec {trained['rec']:8.3f}  kl {trained['kl']:7.3f}  total "
-                    f"{trained['total']:8.3f}  |  val rec {validated['rec']:8.3f}  kl {validated['kl']:7.3f}  "
-                    f"total {validated['total']:8.3f}")
-            if dist.master:
-                tqdm.write(line)
+        if dist.master and (epoch % log_every == 0 or epoch + 1 == config.epochs or stop):
+            tqdm.write(epoch_line(epoch, trained, validated))
         last = epoch + 1 == config.epochs or stop
         if dist.master and config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or last):
             save_checkpoint(checkpoint_path(out), {
@@ -263,6 +254,21 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         torch_dist.barrier()
         torch_dist.destroy_process_group()
     return metadata
+
+
+def track_best(best: dict[str, Any], val_total: float, vae: VAE, epoch: int) -> dict[str, Any]:
+    """Keep the weights of the best validation -ELBO so far, and count the epochs since it."""
+    if val_total < best["val"]:
+        state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+        return {"val": val_total, "epoch": epoch + 1, "bad_epochs": 0, "state": state}
+    return {**best, "bad_epochs": best["bad_epochs"] + 1}
+
+
+def epoch_line(epoch: int, trained: dict[str, float], validated: dict[str, float]) -> str:
+    """The seed's per-epoch log: reconstruction error, regularisation (KL) and total, train | val."""
+    return (f"epoch {epoch + 1:4d}  rec {trained['rec']:8.3f}  kl {trained['kl']:7.3f}  total "
+            f"{trained['total']:8.3f}  |  val rec {validated['rec']:8.3f}  kl {validated['kl']:7.3f}  "
+            f"total {validated['total']:8.3f}")
 
 
 def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, history: list[dict[str, float]],
