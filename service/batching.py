@@ -130,8 +130,15 @@ class Batcher:
             gone = [item for item in batch if item.future.done()]       # clients that gave up
             self._queued_images -= sum(len(item.inputs) for item in gone)
             batch = [item for item in batch if not item.future.done()]
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._execute(batch)
+            except Exception as error:             # a bug here must not strand the waiting requests
+                log.exception("batcher %s failed outside the model call", self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

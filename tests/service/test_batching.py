@@ -117,6 +117,25 @@ def test_the_batcher_keeps_serving_after_a_failure() -> None:
     assert doubled.shape == (2, 3)
 
 
+def test_a_bug_outside_the_model_fails_the_batch_and_keeps_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+
+    def flaky_speed(self: Batcher, seconds_per_image: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(Batcher, "_update_speed", flaky_speed)
+
+    async def go(batcher: Batcher):
+        with pytest.raises(RuntimeError, match="bookkeeping bug"):
+            await asyncio.wait_for(batcher.submit(requests_of([2])[0]), timeout=5)
+        return await asyncio.wait_for(batcher.submit(requests_of([1])[0]), timeout=5)
+
+    (doubled, _), _, _ = run(go, max_images=8, max_wait=0.0)
+    assert doubled.shape == (1, 3)
+
+
 def test_cancelled_requests_are_skipped() -> None:
     async def go(batcher: Batcher):
         slow = asyncio.ensure_future(batcher.submit(requests_of([2])[0]))     # occupies the model
