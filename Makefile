@@ -38,10 +38,14 @@ models: $(VENV)/.installed-dev
 	$(BIN)/python -m training train --data fashion-mnist --out models/fashion.pt --quiet
 	rm -f models/*.ckpt
 
-bench: bench-train
+bench: bench-train bench-serving
 
 bench-train: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.train_vs_seed
+
+# installs LitServe and TorchServe into benchmarks/serving/.venvs and wrk with apt on first use
+bench-serving: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.serving
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
