@@ -32,7 +32,7 @@ Every error is JSON with a readable `detail`."""
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     try:
-        runtime = ModelRuntime.load(settings.model_path, settings.verify_checksum, settings.resolved_torch_threads())
+        runtime = ModelRuntime.load(settings.model_path, settings.verify_checksum, settings.torch_threads)
         seconds = runtime.warm_up()
     except ArtifactError as error:
         # one clear line, no traceback; the process stays up so /readyz can say why it is not ready

@@ -2,10 +2,11 @@
 
 A request submits k images and awaits its own future. One loop per operation drains the queue
 into a batch, cut at `max_images` images (counting images, not requests) or `max_wait` seconds
-after the first one arrived, whichever comes first; a request never waits longer than that before
-its batch starts. The batch runs on the model's single executor thread, and each request gets its
-own slice of every output, in order. If a batch fails, each request in it is retried alone, so a
-request that breaks the model fails by itself.
+after the first one arrived, whichever comes first. Up to `concurrency` batches run at once on the
+model's executor threads; the loop takes a free slot before it collects, so while every slot is
+busy requests pile up and the next batch is larger. Each request gets its own slice of every
+output, in order. If a batch fails, each request in it is retried alone, so a request that breaks
+the model fails by itself.
 
 Requests that would wait longer than `max_queue_wait` for the model are refused at once
 (`Overloaded`, a 503 with Retry-After), so a burst never grows latency or memory for everyone.
@@ -50,7 +51,7 @@ class _Item:
 
 class Batcher:
     def __init__(self, name: str, run: BatchFunction, executor: Executor, max_images: int = 64,
-                 max_wait: float = 0.001, max_queue_wait: float = 2.0,
+                 max_wait: float = 0.0, max_queue_wait: float = 2.0, concurrency: int = 1,
                  on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
         self.name = name
         self._run = run
@@ -59,6 +60,9 @@ class Batcher:
         self.max_wait = max_wait
         self.max_queue_wait = max_queue_wait
         self._on_batch = on_batch
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)     # batches running at once
+        self._running: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._carry: _Item | None = None         # took it from the queue, but it did not fit
         self._queued_images = 0
@@ -74,10 +78,11 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # ---- the request side -----------------------------------------------------------------------
     async def submit(self, inputs: Tensor) -> tuple[Tensor, ...]:
@@ -89,7 +94,7 @@ class Batcher:
         return await item.future
 
     def _admit(self, images: int) -> None:
-        expected_wait = (self._queued_images + images) * self._seconds_per_image
+        expected_wait = (self._queued_images + images) * self._seconds_per_image / self.concurrency
         if self._queued_images and expected_wait > self.max_queue_wait:
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, about "
                              f"{expected_wait:.2g} s); retry later", retry_after_s=math.ceil(expected_wait))
@@ -126,19 +131,28 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
+            await self._slots.acquire()            # a free model slot first: batches grow while none is
             batch = await self._collect()
             gone = [item for item in batch if item.future.done()]       # clients that gave up
             self._queued_images -= sum(len(item.inputs) for item in gone)
             batch = [item for item in batch if not item.future.done()]
             if not batch:
+                self._slots.release()
                 continue
-            try:
-                await self._execute(batch)
-            except Exception as error:             # a bug here must not strand the waiting requests
-                log.exception("batcher %s failed outside the model call", self.name)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        try:
+            await self._execute(batch)
+        except Exception as error:                 # a bug here must not strand the waiting requests
+            log.exception("batcher %s failed outside the model call", self.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        finally:
+            self._slots.release()
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
-"""The serving loop's model half: one batcher per model operation, all feeding one executor thread,
-so the model runs one batch at a time with the torch threads it was given."""
+"""The serving loop's model half: one batcher per model operation, all feeding one pool of model
+threads. Each thread runs one batch at a time with the torch threads it was given, so the pool
+keeps the CPUs busy with whole batches (inter-op) rather than splitting small ops (intra-op)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ class Inference:
     def __init__(self, runtime: ModelRuntime, settings: Settings, metrics: Metrics) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        concurrency = settings.resolved_model_concurrency()
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model")
         operations = {
             "encode": runtime.encode,
             "decode": lambda z: (runtime.decode(z),),
@@ -30,7 +32,7 @@ class Inference:
         self.batchers = {
             name: Batcher(name, run, self._executor, max_images=settings.max_batch_images,
                           max_wait=settings.max_batch_wait_ms / 1000, max_queue_wait=settings.max_queue_wait_s,
-                          on_batch=metrics.observe_batch)
+                          concurrency=concurrency, on_batch=metrics.observe_batch)
             for name, run in operations.items()
         }
 

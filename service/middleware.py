@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import TooLarge
@@ -77,6 +78,8 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if scope["state"].get("client_disconnected"):
+                status = 499                        # nginx's "client closed request"
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
@@ -113,6 +116,10 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # the client left before its body arrived: nobody to answer, nothing went wrong here
+            scope.setdefault("state", {})["client_disconnected"] = True
+            access_log.info("client disconnected during %s %s", scope["method"], scope["path"])
         except Exception:
             request_id = scope.get("state", {}).get("request_id", "")
             error_log.exception("unexpected error in %s %s (request %s)", scope["method"], scope["path"], request_id)

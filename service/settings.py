@@ -42,14 +42,19 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the model")
-    torch_threads: int = Field(0, ge=0, description="torch threads per process (0: available CPUs / workers, "
-                                                   "a container's CPU limit included)")
+    torch_threads: int = Field(1, ge=1, description="torch threads inside one model call (small images gain "
+                                                   "nothing from more)")
+    model_concurrency: int = Field(0, ge=0, description="batches the model runs at once, each on its own thread "
+                                                       "(0: available CPUs / (workers x torch threads), a "
+                                                       "container's CPU limit included)")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
                            description="critical, error, warning, info (one JSON access line per request) or debug")
 
     # ---- batching -----------------------------------------------------------------------------
     max_batch_images: int = Field(64, ge=1, description="a batch is cut at this many images ...")
-    max_batch_wait_ms: float = Field(1.0, ge=0, description="... or after this wait, whichever comes first")
+    max_batch_wait_ms: float = Field(0.0, ge=0, description="... or after this wait, whichever comes first (0: "
+                                                           "take what is queued; batches grow while the model "
+                                                           "is busy)")
     max_queue_wait_s: float = Field(2.0, gt=0, description="a request that would wait longer for the model "
                                                          "is refused at once with 503 and Retry-After")
 
@@ -68,8 +73,8 @@ class Settings(BaseSettings):
             raise ValueError("VAE_MAX_BATCH_IMAGES above 4096 would hold gigabytes per batch")
         return self
 
-    def resolved_torch_threads(self) -> int:
-        """workers x threads <= available CPUs by default, so processes do not fight over them."""
-        if self.torch_threads:
-            return self.torch_threads
-        return max(1, available_cpus() // self.workers)
+    def resolved_model_concurrency(self) -> int:
+        """workers x concurrency x torch threads <= available CPUs by default: busy, never oversubscribed."""
+        if self.model_concurrency:
+            return self.model_concurrency
+        return max(1, available_cpus() // (self.workers * self.torch_threads))

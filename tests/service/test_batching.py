@@ -4,6 +4,7 @@ request gets exactly its own results in order, a bad request fails alone, overlo
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,24 +16,32 @@ from service.errors import Overloaded
 
 
 class CountingModel:
-    """y = 2x + 1 per image, remembering each batch size; a NaN input makes it raise, like a
-    model that cannot process one image."""
+    """y = 2x + 1 per image, remembering each batch size and how many batches ran at once; a NaN
+    input makes it raise, like a model that cannot process one image."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
         self.delay = delay
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.isnan(x).any():
             raise ValueError("cannot process NaN")
-        self.batches.append(len(x))
+        with self._lock:
+            self.batches.append(len(x))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.delay)
+        with self._lock:
+            self.running -= 1
         return 2 * x + 1, x.sum(dim=1)
 
 
 def run(coro_fn, **batcher_options):  # returns (result, model, stats)
     async def main():
-        executor = ThreadPoolExecutor(1)
+        executor = ThreadPoolExecutor(batcher_options.get("concurrency", 1))
         model = batcher_options.pop("model", CountingModel())
         stats: list[BatchStats] = []
         batcher = Batcher("test", model, executor, on_batch=lambda _, s: stats.append(s), **batcher_options)
@@ -91,6 +100,22 @@ def test_a_lone_request_waits_no_longer_than_max_wait() -> None:
     assert 0.19 <= elapsed < 1.0 and stats[0].queue_seconds[0] >= 0.19
     elapsed, _, _ = run(go, max_images=64, max_wait=0.0)
     assert elapsed < 0.15
+
+
+def test_batches_run_side_by_side_up_to_the_concurrency() -> None:
+    inputs = requests_of([2, 2, 2, 2])
+
+    async def go(batcher: Batcher):
+        started = time.perf_counter()
+        results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        return results, time.perf_counter() - started
+
+    (results, seconds), model, _ = run(go, max_images=2, concurrency=2, model=CountingModel(delay=0.2))
+    assert model.most_at_once == 2 and model.batches == [2, 2, 2, 2]
+    assert seconds < 0.6                                 # two rounds of 0.2 s, not four
+    assert all(torch.equal(r[0], 2 * x + 1) for r, x in zip(results, inputs, strict=True))
+    (_, seconds), model, _ = run(go, max_images=2, concurrency=1, model=CountingModel(delay=0.2))
+    assert model.most_at_once == 1 and seconds >= 0.8
 
 
 def test_a_failing_request_fails_alone() -> None:

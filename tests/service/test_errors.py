@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -179,6 +181,19 @@ def test_a_small_calibration_set_serves_but_refuses_an_unsupported_fpr(tmp_path:
         assert_error(http.post("/anomaly-score", json={"images": [GOOD]}), 422, "needs at least 99", "has 12")
         assert http.post("/anomaly-score?fpr=0.2", json={"images": [GOOD]}).status_code == 200
         assert http.get("/model").json()["calibration"]["threshold"] is None
+
+
+def test_a_client_that_leaves_mid_body_is_a_quiet_499(base_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 5000\r\n\r\n" + b"\x89PNG" * 10)
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=base_url) as http:
+        while 'endpoint="/encode",method="POST",status="499"' not in http.get("/metrics").text:
+            assert time.monotonic() < deadline, "the disconnect was not recorded"
+            time.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_internal_errors_are_500_without_traceback(digits_artifact: Path) -> None:
