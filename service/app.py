@@ -16,7 +16,7 @@ from .errors import ArtifactError, ServiceError
 from .inference import Inference
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
-from .routes import generate, images, kserve, meta
+from .routes import generate, images, kserve, meta, page
 from .runtime import ModelRuntime
 from .settings import Settings
 
@@ -70,8 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for router in (images.router, generate.router, meta.router, kserve.router):
+    for router in (images.router, generate.router, meta.router, kserve.router, page.router):
         app.include_router(router)
+    app.mount("/static", page.static_files(), name="static")
     return app
 
 
