@@ -16,10 +16,11 @@ $(VENV)/.installed-run: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# everything: training extras, test tools, and the optional Debian data set
+# everything: training extras, test tools, and the optional Debian data set and browser (page tests)
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-run
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	-test -d /usr/share/datasets/fashion-mnist || apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1
+	-test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1
 	touch $@
 
 run: $(VENV)/.installed-run
