@@ -11,6 +11,7 @@ import sys
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from .config import TrainConfig
 
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a VAE and export its artifact")
     add_train_arguments(train)
+    report = commands.add_parser("report", help="(re)write an artifact's report folder (plots and index.html) "
+                                 "without retraining")
+    report.add_argument("artifact", help="the artifact, e.g. models/digits.pt; writes models/digits-report/")
     return parser
 
 
@@ -69,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if args.command == "report":
+        from .report import regenerate_report
+
+        try:
+            written = regenerate_report(Path(args.artifact))
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {written[-1]} and {len(written) - 1} plots beside it")
     return 0
 
 

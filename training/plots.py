@@ -1,5 +1,6 @@
 """The pictures written beside an artifact: the seed's loss curves, inputs beside their
-reconstructions, samples, the latent space coloured by label, and the decoded manifold."""
+reconstructions, samples, the latent space coloured by label, the decoded manifold, and the
+calibration scores with their threshold."""
 
 from __future__ import annotations
 
@@ -96,6 +97,25 @@ def plot_manifold(decode: Callable[[torch.Tensor], torch.Tensor], path: Path, st
     with torch.no_grad():
         images = decode(z).numpy()
     return plot_grid(images, steps, "decoded manifold (z over the prior's 5%-95% quantiles)", path)
+
+
+def plot_calibration(scores: np.ndarray, threshold: float | None, fpr: float, score_kind: str, path: Path) -> Path:
+    """The held-out normal images' scores, with the threshold the service flags above at `fpr`
+    (None: too few scores to promise that rate)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(scores, bins=min(60, max(10, len(scores) // 5)), color="C0", alpha=0.8)
+    if threshold is not None:
+        flagged = int(np.sum(np.asarray(scores) > threshold))
+        ax.axvline(threshold, color="C3", lw=2,
+                   label=f"threshold at {fpr * 100:g}% FPR: {threshold:.2f} ({flagged} of {len(scores)} above)")
+        ax.legend(fontsize=8)
+    else:
+        ax.set_title(f"(too few scores for a {fpr * 100:g}% FPR threshold)", fontsize=8, loc="right")
+    ax.set_xlabel(f"{score_kind} score, nats per image (higher is more anomalous)")
+    ax.set_ylabel("calibration images")
+    ax.set_title(f"calibration scores (n = {len(scores)})", loc="left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -26,11 +26,11 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import plots
 from .config import TrainConfig, resolve, validate
 from .data import ImageSet, Splits, load_source, split_set
 from .export import build_metadata, export_artifact, score_images
 from .model import VAE, VAEConfig, build_vae
+from .report import report_dir, write_report
 from .scoring import ServableVAE
 
 EVAL_BATCH = 1024
@@ -289,8 +289,8 @@ def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, histor
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.name}.sha256; test -ELBO "
           f"{metrics['test_elbo']:.3f}, test -log p(x) <= {metrics['test_nll_iwae']:.3f} nats per image")
     if config.report:
-        written = write_plots(servable, splits, history, report_dir(out))
-        print(f"plots: {', '.join(str(p) for p in written)}")
+        written = write_report(servable, metadata, splits, out)
+        print(f"report: {report_dir(out) / 'index.html'} ({len(written) - 1} plots)")
     return metadata
 
 
@@ -315,26 +315,3 @@ def test_metrics(vae: VAE, servable: ServableVAE, splits: Splits, config: TrainC
         scores = score_images(servable, test.images)
         metrics["test_auroc_one_class"] = float(roc_auc_score(test.labels != config.class_filter, scores))
     return metrics
-
-
-def report_dir(out: Path) -> Path:
-    return out.with_name(out.stem + "-report")
-
-
-@torch.no_grad()
-def write_plots(servable: ServableVAE, splits: Splits, history: list[dict[str, float]],
-                folder: Path) -> list[Path]:
-    test = splits.test
-    x = torch.as_tensor(test.images[:2000])
-    mu, _ = servable.encode(x)
-    prior_z = torch.randn(40, mu.shape[1], generator=torch.Generator().manual_seed(0))
-    written = [
-        plots.plot_losses(history, folder / "loss_curves.png"),
-        plots.plot_reconstructions(x[:10].numpy(), servable(x[:10]).numpy(), folder / "reconstructions.png"),
-        plots.plot_grid(servable.decode(prior_z).numpy(), 10, "samples from the prior", folder / "samples.png"),
-        plots.plot_latent(mu.numpy(), None if test.labels is None else test.labels[:2000], test.class_names,
-                          folder / "latent_space.png"),
-    ]
-    if mu.shape[1] == 2:
-        written.append(plots.plot_manifold(servable.decode, folder / "manifold.png"))
-    return written
