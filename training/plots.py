@@ -99,7 +99,7 @@ def plot_manifold(decode: Callable[[torch.Tensor], torch.Tensor], path: Path, st
     return plot_grid(images, steps, "decoded manifold (z over the prior's 5%-95% quantiles)", path)
 
 
-def plot_calibration(scores: np.ndarray, threshold: float | None, fpr: float, score_kind: str, path: Path) -> Path:
+def plot_calibration(scores: np.ndarray, threshold: float | None, fpr: float, score_name: str, path: Path) -> Path:
     """The held-out normal images' scores, with the threshold the service flags above at `fpr`
     (None: too few scores to promise that rate)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -111,7 +111,7 @@ def plot_calibration(scores: np.ndarray, threshold: float | None, fpr: float, sc
         ax.legend(fontsize=8)
     else:
         ax.set_title(f"(too few scores for a {fpr * 100:g}% FPR threshold)", fontsize=8, loc="right")
-    ax.set_xlabel(f"{score_kind} score, nats per image (higher is more anomalous)")
+    ax.set_xlabel(f"{score_name} (higher is more anomalous)")
     ax.set_ylabel("calibration images")
     ax.set_title(f"calibration scores (n = {len(scores)})", loc="left")
     ax.grid(alpha=0.3)

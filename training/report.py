@@ -95,8 +95,9 @@ def write_report(model: torch.nn.Module, metadata: dict[str, Any], splits: Split
     written = write_plots(model, splits, metadata["history"], folder)
     calibration = metadata["calibration"]
     scores = np.asarray(calibration["scores"])
+    score_name = f"{calibration['score_kind']} score, {metadata.get('score', {}).get('units', 'nats per image')}"
     written.append(plots.plot_calibration(scores, conformal_threshold(scores, REPORT_FPR), REPORT_FPR,
-                                          calibration["score_kind"], folder / "calibration.png"))
+                                          score_name, folder / "calibration.png"))
     return [*written, write_index(metadata, [p.name for p in written], folder, artifact.name)]
 
 
@@ -174,7 +175,7 @@ def summary_rows(metadata: dict[str, Any]) -> list[tuple[str, str]]:
         ("best epoch", str(metrics.get("best_epoch", "?"))),
         ("test -ELBO", f"{number(metrics.get('test_elbo'))} nats per image (importance-weighted bound on "
                        f"-log p(x): {number(metrics.get('test_nll_iwae'))})"),
-        ("score kind", str(calibration.get("score_kind"))),
+        ("score kind", f"{calibration.get('score_kind')} ({metadata.get('score', {}).get('units', 'nats per image')})"),
         (f"threshold at {REPORT_FPR * 100:g}% FPR",
          number(threshold) if threshold is not None else f"none: too few calibration scores for {REPORT_FPR:g}"),
         ("calibration size", f"{len(calibration['scores'])} images"),

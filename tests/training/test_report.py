@@ -117,6 +117,6 @@ def test_the_report_threshold_is_the_services(n: int) -> None:
 def test_too_few_calibration_scores_give_no_threshold_and_still_a_histogram(tmp_path: Path) -> None:
     scores = np.arange(20.0)
     assert conformal_threshold(scores, 0.01) is None
-    path = plots.plot_calibration(scores, None, 0.01, "elbo", tmp_path / "calibration.png")
+    path = plots.plot_calibration(scores, None, 0.01, "elbo score, nats per image", tmp_path / "calibration.png")
     with Image.open(path) as image:
         image.verify()
