@@ -171,7 +171,6 @@ async function scoreCard(card) {
   card.ok = true;
   card.element.classList.remove("failed");
   clearError(parts.error);
-  fillEmptyEnd(card);
 }
 
 function showVerdict(card, answer) {
@@ -201,7 +200,7 @@ function addFiles(fileList) {
   const cards = files.map(newCard);
   $("results").prepend(...cards.map((card) => card.element));  // newest batch first, in its own order
   state.cards.push(...cards);
-  runLimited(cards, MAX_PARALLEL_CARDS, scoreCard);
+  runLimited(cards, MAX_PARALLEL_CARDS, scoreCard).then(() => fillEmptyEnds(cards));
 }
 
 function rescoreAll() {
@@ -270,12 +269,14 @@ function setEnd(which, file, url) {
   $("interp-button").disabled = !(state.ends.a && state.ends.b);
 }
 
-function fillEmptyEnd(card) {
-  // the first two images that scored become the ends, until the user picks others
-  const taken = [state.ends.a, state.ends.b].some((end) => end && end.file === card.file);
-  if (taken) return;
-  if (!state.ends.a) setEnd("a", card.file, card.url);
-  else if (!state.ends.b) setEnd("b", card.file, card.url);
+function fillEmptyEnds(cards) {
+  // the first two images that scored, in upload order, become the ends until the user picks others
+  for (const card of cards.filter((c) => c.ok)) {
+    const taken = [state.ends.a, state.ends.b].some((end) => end && end.file === card.file);
+    if (taken) continue;
+    if (!state.ends.a) setEnd("a", card.file, card.url);
+    else if (!state.ends.b) setEnd("b", card.file, card.url);
+  }
 }
 
 async function interpolate(event) {
