@@ -87,7 +87,7 @@ class AnomalyResult(BaseModel):
 class AnomalyResponse(BaseModel):
     threshold: float = Field(..., examples=[29.4], description="the calibration score at the false-positive rate")
     fpr: float = Field(..., examples=[0.01], description="false-positive rate the threshold was chosen for")
-    score_kind: str = Field(..., examples=["elbo"])
+    score_kind: str = Field(..., examples=["excess"])
     results: list[AnomalyResult]
 
 

@@ -1,4 +1,5 @@
-"""Command line: `python -m training train --data SOURCE --out PATH [options]`.
+"""Command line: `python -m training train --data SOURCE --out PATH [options]`, and
+`python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH]`.
 
 The options are generated from `TrainConfig`, one per field, with its default in --help.
 """
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a VAE and export its artifact")
     add_train_arguments(train)
+    calibrate = commands.add_parser("calibrate", help="recalibrate an artifact on known-good images, "
+                                    "optionally switching its default score; no retraining")
+    calibrate.add_argument("artifact", help="the artifact to recalibrate")
+    calibrate.add_argument("--score", default=None, help="new default score: recon, elbo, iwae, excess or peak "
+                           "(default: keep the artifact's)")
+    calibrate.add_argument("--data", default=None, help="known-good images, any --data source of `train` "
+                           "(default: the artifact's own calibration split)")
+    calibrate.add_argument("--out", default=None, help="where to write (default: over the artifact)")
     report = commands.add_parser("report", help="(re)write an artifact's report folder (plots and index.html) "
                                  "without retraining")
     report.add_argument("artifact", help="the artifact, e.g. models/digits.pt; writes models/digits-report/")
@@ -70,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
         try:
             train(TrainConfig(**values), command=shlex.join(["python", "-m", "training", *argv]))
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.command == "calibrate":
+        from .calibrate import main as calibrate_main
+
+        try:
+            return calibrate_main(args)
         except (ValueError, FileNotFoundError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

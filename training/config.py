@@ -51,7 +51,8 @@ class TrainConfig:
     threads: int | None = _opt(None, "torch threads per process (auto: 1 mlp, whose tiny matrices only "
                                      "wait for a second core; all cores for conv)")
     # ---- scoring and output ---------------------------------------------------------------
-    score: str = _opt("elbo", "default anomaly score: recon, elbo or iwae")
+    score: str | None = _opt(None, "default anomaly score: recon, elbo, iwae, excess or peak (auto: excess "
+                                   "for the mlp's small images, peak for conv)")
     score_samples: int = _opt(16, "fixed latent samples the elbo/iwae scores average over")
     checkpoint_every: int = _opt(1, "write a checkpoint every N epochs (0: never)")
     resume: bool = _opt(False, "continue from the checkpoint beside --out")
@@ -69,10 +70,13 @@ class TrainConfig:
         return cls(**clean)
 
 
-# The auto defaults: the seed's configuration for small images, a conv VAE above.
+# The auto defaults: the seed's configuration for small images, a conv VAE above. The score:
+# on a small image any defect is a large part of it, so the whole-image `excess` is the better
+# test there; on larger ones `peak` keeps a small defect from being diluted by the clean rest.
 AUTO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"hidden": (16,), "latent_dim": 2, "epochs": 201, "batch_size": 32, "patience": 0, "threads": 1},
-    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5,
+    "mlp": {"hidden": (16,), "latent_dim": 2, "epochs": 201, "batch_size": 32, "patience": 0, "threads": 1,
+            "score": "excess"},
+    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5, "score": "peak",
              "threads": os.cpu_count() or 1},
 }
 MLP_MAX_PIXELS = 16 * 16
@@ -108,7 +112,8 @@ def validate(config: TrainConfig) -> None:
     """Refuse settings that cannot work, with the fix in the message."""
     checks = [
         (config.likelihood in ("bernoulli", "gaussian"), "--likelihood must be bernoulli or gaussian"),
-        (config.score in ("recon", "elbo", "iwae"), "--score must be recon, elbo or iwae"),
+        (config.score in (None, "recon", "elbo", "iwae", "excess", "peak"),
+         "--score must be recon, elbo, iwae, excess or peak"),
         (config.device in ("cpu", "cuda", "auto"), "--device must be cpu, cuda or auto"),
         (config.channels in (None, 1, 3), "--channels must be 1 or 3"),
         (config.image_size is None or config.image_size >= 4, "--image-size must be at least 4"),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .scoring import SCORE_KINDS, ServableVAE
+from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -74,7 +74,7 @@ def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: 
         "likelihood": vae_config.likelihood,
         "architecture": {**asdict(vae_config), "parameters": parameters},
         "score": {"kind": config["score"], "kinds": list(SCORE_KINDS), "samples": config["score_samples"],
-                  "units": "nats per image", "higher_is_more_anomalous": True},
+                  "peak": {"window": PEAK_WINDOW, "share": PEAK_SHARE}, "higher_is_more_anomalous": True},
         "data": data,
         "metrics": metrics,
         "history": history,
@@ -88,7 +88,8 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
     the service will), and write the artifact atomically with its sha256 beside it."""
     scripted = torch.jit.script(servable.eval())
     scores = score_images(scripted, calibration_images)
-    metadata = {**metadata, "calibration": {
+    score = {**metadata["score"], "kind": servable.score_kind, "units": SCORE_UNITS[servable.score_kind]}
+    metadata = {**metadata, "score": score, "calibration": {
         "split": "calibration",
         "count": len(scores),
         "score_kind": servable.score_kind,

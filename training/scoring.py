@@ -6,7 +6,15 @@ that scored the calibration images. Every method takes images (B, C, H, W) in [0
 Scores (higher = more anomalous, nats per image):
 - `recon`: -log p(x | z = mu), the reconstruction term at the latent mean;
 - `elbo`:  -ELBO = E_q[-log p(x | z)] + KL(q(z | x) || p(z)), the expectation over K samples;
-- `iwae`:  -log p(x) estimated with K importance samples (Burda et al., 2016), a tighter bound.
+- `iwae`:  -log p(x) estimated with K importance samples (Burda et al., 2016), a tighter bound;
+- `excess`: the anomaly map summed: each pixel's -log p(x | z = mu) above the least it could be for
+           that pixel's value. For the Bernoulli likelihood the floor is the pixel's binary entropy,
+           so this is the reconstruction error corrected for the input's own complexity (in the
+           spirit of Serra et al., 2020): a plain image no longer scores as more normal;
+- `peak`:  the mean of the top `peak_share` of the anomaly map after a `peak_window` box average:
+           a small defect counts in full instead of being diluted by the rest of the image, and the
+           box average keeps isolated noisy pixels of a clean image from setting the score.
+`recon`, `excess` and `peak` take one decoder pass; `elbo` and `iwae` take K + 1.
 The K latent samples use one fixed noise draw stored in the module (common random numbers), so a
 score is deterministic and does not depend on which other images share the batch.
 """
@@ -16,19 +24,29 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import VAE
 
-SCORE_KINDS = ("recon", "elbo", "iwae")
+SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak")
+SCORE_UNITS = {"recon": "nats per image", "elbo": "nats per image", "iwae": "nats per image",
+               "excess": "nats per image", "peak": "nats per pixel"}
+PEAK_WINDOW = 5          # pixels; odd, so the box is centred
+PEAK_SHARE = 0.05        # of the pixels
 
 
 class ServableVAE(nn.Module):
-    def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0) -> None:
+    def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0,
+                 peak_window: int = PEAK_WINDOW, peak_share: float = PEAK_SHARE) -> None:
         super().__init__()
         assert score_kind in SCORE_KINDS, f"score kind must be one of {SCORE_KINDS}, got {score_kind!r}"
+        assert peak_window >= 1 and peak_window % 2 == 1, "peak_window must be odd and positive"
+        assert 0.0 < peak_share <= 1.0, "peak_share must be in (0, 1]"
         self.vae = vae
         self.score_kind = score_kind
+        self.peak_window = peak_window
+        self.peak_share = peak_share
         noise = torch.randn(score_samples, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("score_eps", noise)                           # (K, d)
 
@@ -62,6 +80,10 @@ class ServableVAE(nn.Module):
     def score_by(self, x: Tensor, kind: str) -> Tensor:
         if kind == "recon":
             return self.reconstruction_error(x)
+        if kind == "excess":
+            return self.anomaly_map(x).flatten(1).sum(1)
+        if kind == "peak":
+            return self.peak_score(self.anomaly_map(x))
         mu, log_var = self.vae.encode(x)
         log_px_z, log_pz, log_qz = self._sample_terms(x, mu, log_var)      # (B, K) each
         if kind == "elbo":
@@ -69,7 +91,7 @@ class ServableVAE(nn.Module):
         if kind == "iwae":
             k = log_px_z.shape[1]
             return -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
-        raise ValueError("unknown score kind " + kind + ": expected recon, elbo or iwae")
+        raise ValueError("unknown score kind " + kind + ": expected recon, elbo, iwae, excess or peak")
 
     @torch.jit.export
     def anomaly_map(self, x: Tensor) -> Tensor:
@@ -79,6 +101,14 @@ class ServableVAE(nn.Module):
         logits = self.vae.decode_logits(mu)
         excess = self.vae.pixel_nll(x, logits) - self.vae.pixel_nll(x, self._best_logits(x))
         return excess.clamp(min=0.0).sum(1)
+
+    def peak_score(self, anomaly_map: Tensor) -> Tensor:
+        """The mean of the highest `peak_share` of the box-averaged map, per image (B,)."""
+        window = self.peak_window
+        smoothed = F.avg_pool2d(anomaly_map.unsqueeze(1), window, 1, window // 2, count_include_pad=False)
+        flat = smoothed.flatten(1)
+        k = max(1, int(round(self.peak_share * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(1)
 
     def _best_logits(self, x: Tensor) -> Tensor:
         """Logits whose mean is x itself: the per-pixel minimum of the reconstruction loss."""

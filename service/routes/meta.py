@@ -15,12 +15,12 @@ from ..schemas import FastJSONResponse, Status
 router = APIRouter(tags=["service"])
 REPORTED_FPRS = (0.001, 0.005, 0.01, 0.05, 0.1)
 MODEL_EXAMPLE = {
-    "name": "digits", "version": "2026-11-29T00:11:34+00:00", "format_version": 1,
-    "checksum": {"sha256": "784ee05724fa80de406b6c5a041c80fdbc83516ce9e47f2e892f1dbafe62e191", "verified": True},
+    "name": "digits", "version": "2026-11-29T03:13:22+00:00", "format_version": 1,
+    "checksum": {"sha256": "0e86e0624879c564ab4915bc0150d737af8e7a2e090f16278918126e25b9e216", "verified": True},
     "input": {"channels": 1, "height": 8, "width": 8, "color_mode": "L", "value_range": [0.0, 1.0]},
-    "latent_dim": 2, "likelihood": "bernoulli", "score": {"kind": "elbo", "units": "nats per image"},
-    "calibration": {"count": 270, "score_kind": "elbo", "default_fpr": 0.01, "threshold": 31.43,
-                    "thresholds": {"0.005": 32.03, "0.01": 31.43, "0.05": 29.87, "0.1": 28.70}, "min_fpr": 0.0037},
+    "latent_dim": 2, "likelihood": "bernoulli", "score": {"kind": "excess", "units": "nats per image"},
+    "calibration": {"count": 270, "score_kind": "excess", "default_fpr": 0.01, "threshold": 16.81,
+                    "thresholds": {"0.005": 17.58, "0.01": 16.81, "0.05": 13.56, "0.1": 12.20}, "min_fpr": 0.0037},
     "training": {"metrics": {"test_elbo": 25.27}, "command": "python -m training train --data digits --out ..."},
     "limits": {"max_images_per_request": 256, "max_sample_n": 1024},
 }

@@ -132,7 +132,7 @@ def test_anomaly_score_matches_raw_api(vae: VAEClient, client: httpx.Client, dig
     assert len(scores) == len(digit_images) and scores.maps is None
     np.testing.assert_allclose(scores.scores, [r["score"] for r in expected["results"]], **CLOSE)
     np.testing.assert_allclose(scores.p_values, [r["p_value"] for r in expected["results"]], **CLOSE)
-    assert (scores.threshold, scores.fpr, scores.score_kind) == (expected["threshold"], 0.01, "elbo")
+    assert (scores.threshold, scores.fpr, scores.score_kind) == (expected["threshold"], 0.01, "excess")
     np.testing.assert_array_equal(scores.is_anomaly, scores.scores > scores.threshold)
 
 
@@ -169,7 +169,7 @@ def test_model_info_matches_raw_api(vae: VAEClient, client: httpx.Client, digit_
     info = vae.model_info()
     assert info.raw == client.get("/model").json()
     assert info.input_shape == (1, 8, 8) and info.latent_dim == vae.encode(digit_images[0]).mu.shape[1]
-    assert (info.score_kind, info.default_fpr) == ("elbo", 0.01)
+    assert (info.score_kind, info.default_fpr) == ("excess", 0.01)
     assert info.threshold == vae.anomaly_score(digit_images[0]).threshold
 
 

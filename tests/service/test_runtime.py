@@ -19,7 +19,7 @@ def runtime(digits_artifact: Path) -> ModelRuntime:
 
 
 def test_loads_metadata_and_checksum(runtime: ModelRuntime, digits_artifact: Path) -> None:
-    assert runtime.input_shape == (1, 8, 8) and runtime.latent_dim == 2 and runtime.score_kind == "elbo"
+    assert runtime.input_shape == (1, 8, 8) and runtime.latent_dim == 2 and runtime.score_kind == "excess"
     assert runtime.sha256 == sha256_of(digits_artifact)
     assert np.all(np.diff(runtime.calibration_scores) >= 0) and runtime.map_scale > 0
 

@@ -14,7 +14,7 @@ import torch
 from training.data import load_source, split_set
 from training.export import FORMAT_VERSION, load_artifact, score_images, sha256_of
 from training.model import VAEConfig, build_vae
-from training.scoring import ServableVAE
+from training.scoring import SCORE_KINDS, ServableVAE
 
 LOAD_WITH_TORCH_ONLY = """
 import json, sys, torch
@@ -48,8 +48,8 @@ def test_metadata_is_complete(digits_artifact: Path) -> None:
     assert metadata["training"]["torch"] == torch.__version__ and metadata["training"]["config"]["seed"] == 0
     calibration = metadata["calibration"]
     assert calibration["count"] == 270 == len(calibration["scores"])
-    assert calibration["scores"] == sorted(calibration["scores"]) and calibration["score_kind"] == "elbo"
-    assert metadata["score"]["kind"] == "elbo"
+    assert calibration["scores"] == sorted(calibration["scores"]) and calibration["score_kind"] == "excess"
+    assert metadata["score"]["kind"] == "excess"
 
 
 def test_calibration_scores_are_the_scripted_scores_of_the_calibration_split(digits_artifact: Path) -> None:
@@ -88,7 +88,7 @@ def test_scripted_methods_equal_eager(config: VAEConfig, tmp_path: Path) -> None
             torch.testing.assert_close(getattr(eager, name)(x), getattr(scripted, name)(x), rtol=0, atol=0)
         z = torch.randn(4, config.latent_dim)
         torch.testing.assert_close(eager.decode(z), scripted.decode(z), rtol=0, atol=0)
-        for kind in ("recon", "elbo", "iwae"):
+        for kind in SCORE_KINDS:
             torch.testing.assert_close(eager.score_by(x, kind), scripted.score_by(x, kind), rtol=0, atol=0)
 
 
@@ -110,3 +110,24 @@ def test_score_kinds_are_ordered_as_bounds(digits_artifact: Path) -> None:
     assert iwae.mean() < elbo.mean()
     with pytest.raises(torch.jit.Error, match="unknown score kind"):
         module.score_by(x, "nonsense")
+
+
+def test_excess_and_peak_are_read_off_the_anomaly_map() -> None:
+    """excess sums the map; peak averages the top share of its box-smoothed version, so a defect
+    of a few pixels moves peak far more than it moves the image-wide sum."""
+    torch.manual_seed(0)
+    servable = ServableVAE(build_vae(VAEConfig("conv", 1, 28, 28, 4, (32,), (16, 16), "bernoulli")),
+                           "peak", 4, peak_window=3, peak_share=0.02).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        anomaly_map = servable.anomaly_map(x)
+        torch.testing.assert_close(servable.score_by(x, "excess"), anomaly_map.flatten(1).sum(1))
+        smoothed = torch.nn.functional.avg_pool2d(anomaly_map.unsqueeze(1), 3, 1, 1, count_include_pad=False)
+        top = smoothed.flatten(1).sort(1, descending=True).values[:, :16]      # 2% of 784 pixels
+        torch.testing.assert_close(servable.score(x), top.mean(1))
+    flat = torch.full((1, 1, 28, 28), 0.5)
+    spotted = flat.clone()
+    spotted[0, 0, 10:13, 10:13] = 1.0
+    with torch.no_grad():
+        gain = {k: (servable.score_by(spotted, k) / servable.score_by(flat, k)).item() for k in ("excess", "peak")}
+    assert gain["peak"] > gain["excess"] > 1.0

@@ -1,0 +1,91 @@
+"""Recalibrate an artifact without retraining: score known-good images with it, store their scores
+as its calibration, and optionally switch its default score kind.
+
+    python -m training calibrate models/fashion.pt --score peak
+    python -m training calibrate models/brick.pt --data good-patches.npy --out models/brick-site2.pt
+
+The weights are copied unchanged into a freshly scripted `ServableVAE` (so an artifact exported by
+an older version of this code gains the newer score kinds), the fixed score noise included, so the
+elbo and iwae scores stay what they were. Without --data the calibration images are the artifact's
+own calibration split, rebuilt from the training config it records.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data import ImageSet, Splits, load_source, split_set
+from .export import export_artifact, load_artifact
+from .model import VAEConfig, build_vae
+from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
+
+
+def artifact_splits(metadata: dict[str, Any], source: ImageSet | None = None) -> Splits:
+    """The very split the artifact was trained, calibrated and tested on, rebuilt from its config
+    (from `source` when the caller has loaded the config's data already)."""
+    config = TrainConfig.from_dict(metadata["training"]["config"])
+    if source is None:
+        source = load_source(config.data, config.image_size, config.channels, config.pixel_max)
+    return split_set(source, config.val_fraction, config.cal_fraction, config.test_fraction, config.seed,
+                     config.class_filter, config.max_images)
+
+
+def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], score_kind: str) -> ServableVAE:
+    """An eager `ServableVAE` with the scripted module's weights and score noise."""
+    architecture = {k: v for k, v in metadata["architecture"].items() if k != "parameters"}
+    architecture.update(hidden=tuple(architecture["hidden"]), conv_channels=tuple(architecture["conv_channels"]))
+    vae = build_vae(VAEConfig(**architecture))
+    peak = metadata["score"].get("peak", {})
+    servable = ServableVAE(vae, score_kind, metadata["score"]["samples"],
+                           peak_window=peak.get("window", PEAK_WINDOW), peak_share=peak.get("share", PEAK_SHARE))
+    servable.load_state_dict(module.state_dict())
+    return servable.eval()
+
+
+def calibration_images(metadata: dict[str, Any], data: str | None) -> tuple[np.ndarray, str]:
+    """Known-good images, resized and converted to the artifact's input as `train` loads them,
+    and where they came from."""
+    if data is None:
+        return artifact_splits(metadata).cal.images, "the artifact's calibration split"
+    shape = metadata["input"]
+    return load_source(data, shape["height"], shape["channels"]).images, data
+
+
+def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None, data: str | None = None,
+              command: str = "") -> dict[str, Any]:
+    """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata."""
+    module, metadata = load_artifact(path)
+    kind = score_kind or metadata["calibration"]["score_kind"]
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"--score must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
+    images, source = calibration_images(metadata, data)
+    if len(images) < 100:
+        raise ValueError(f"{len(images)} calibration images are too few for a 1% threshold (need at least 100)")
+    servable = rebuild_servable(module, metadata, kind)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    history = [*metadata.get("recalibrations", []), {
+        "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]
+    kept = {k: v for k, v in metadata.items() if k != "calibration"}
+    # a new file is a new version for clients that cache thresholds by it; the training date stays
+    kept.update(created=now, trained=metadata.get("trained", metadata["created"]))
+    kept["score"] = {**metadata["score"], "kinds": list(SCORE_KINDS),
+                     "peak": {"window": servable.peak_window, "share": servable.peak_share}}
+    return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
+
+
+def main(args: Any) -> int:
+    command = shlex.join(["python", "-m", "training", *sys.argv[1:]])
+    written = calibrate(Path(args.artifact), Path(args.out) if args.out else None, args.score, args.data, command)
+    scores = np.asarray(written["calibration"]["scores"])
+    print(f"wrote {args.out or args.artifact}: score {written['calibration']['score_kind']}, "
+          f"{len(scores)} calibration scores, median {np.median(scores):.4g}, 99th percentile "
+          f"{np.quantile(scores, 0.99):.4g}")
+    return 0
