@@ -164,14 +164,14 @@ def summary_rows(metadata: dict[str, Any]) -> list[tuple[str, str]]:
     threshold = conformal_threshold(np.asarray(calibration["scores"]), REPORT_FPR)
     widths = arch.get("conv_channels") if arch.get("arch") == "conv" else arch.get("hidden")
     return [
-        ("data", f"{data.get('source')}: {data.get('images', '?')} images of {data.get('channels')}x"
+        ("data", f"{data.get('source')}: {count(data.get('images'))} images of {data.get('channels')}x"
                  f"{data.get('height')}x{data.get('width')}"
                  + (f", class {data['class_filter']} only" if data.get("class_filter") is not None else "")),
-        ("split", ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"),
+        ("split", ", ".join(f"{k} {count(v)}" for k, v in splits.items()) or "unknown"),
         ("architecture", f"{arch.get('arch')} {list(widths or [])}, latent {arch.get('latent_dim')}, "
                          f"{arch.get('likelihood')} likelihood, {arch.get('parameters', 0):,} parameters"),
         ("epochs", f"{metrics.get('epochs_run', '?')} run of {config.get('epochs', '?')}, "
-                   f"{metrics.get('train_seconds', '?')} s"),
+                   f"{duration(metrics.get('train_seconds'))}"),
         ("best epoch", str(metrics.get("best_epoch", "?"))),
         ("test -ELBO", f"{number(metrics.get('test_elbo'))} nats per image (importance-weighted bound on "
                        f"-log p(x): {number(metrics.get('test_nll_iwae'))})"),
@@ -185,6 +185,16 @@ def summary_rows(metadata: dict[str, Any]) -> list[tuple[str, str]]:
 
 def number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "unknown"
+
+
+def count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "time unknown"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 # ---- an existing artifact ----------------------------------------------------------------------
