@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint models bench bench-train bench-serving clean
+.PHONY: run test lint models eval bench bench-train bench-serving clean
 
 # the service alone: torch (CPU, pinned), FastAPI and friends
 $(VENV)/.installed-run: pyproject.toml
@@ -38,6 +38,11 @@ models: $(VENV)/.installed-dev
 	$(BIN)/python -m training train --data digits --out models/digits.pt --quiet
 	$(BIN)/python -m training train --data fashion-mnist --out models/fashion.pt --quiet
 	rm -f models/*.ckpt
+
+# anomaly detection against classical anchors: defects, textures, one-class novelty, calibration
+# (trains the texture and one-class models into /tmp/vae-evaluate on first use: ~40 min on 2 cores)
+eval: $(VENV)/.installed-dev
+	$(BIN)/python -m training.evaluate
 
 bench: bench-train bench-serving
 

@@ -1,0 +1,107 @@
+"""Synthetic defects and the evaluation harness: masks match the change, runs repeat, texture bands
+never overlap, the quick evaluation of a tiny digits artifact yields complete tables with the
+anchors beside the VAE and the targets table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.runtime import ModelRuntime
+from training.data import load_source
+from training.defects import CHANGED, IMAGE_DEFECTS, TEXTURE_DEFECTS, apply_defect, defective_set
+from training.evaluate import ANCHOR_NAMES, Options, conformal_threshold, run, texture_patches
+
+
+def sample_images() -> dict[str, np.ndarray]:
+    """One 8x8 digit, one 28x28 object on a black background, one 64x64 texture patch."""
+    digits = load_source("digits").images[:2]
+    yy, xx = np.mgrid[0:28, 0:28]
+    shirt = (((yy - 14) / 11) ** 2 + ((xx - 14) / 8) ** 2 < 1) * (0.6 + 0.3 * np.sin(xx / 2.0))
+    texture = 0.5 + 0.25 * np.sin(np.mgrid[0:64, 0:64][1] / 3.0) * np.cos(np.mgrid[0:64, 0:64][0] / 5.0)
+    return {"digits": digits, "object": shirt[None, None].astype(np.float32),
+            "texture": texture[None, None].astype(np.float32)}
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTURE_DEFECTS))
+def test_masks_are_where_pixels_changed_and_images_stay_in_range(kind: str) -> None:
+    for name, images in sample_images().items():
+        if name != "texture" and kind not in IMAGE_DEFECTS:
+            continue
+        defective, masks = defective_set(images, kind, seed=3)
+        assert defective.shape == images.shape and defective.dtype == np.float32
+        assert masks.shape == (len(images), *images.shape[2:]) and masks.dtype == bool
+        assert 0.0 <= defective.min() and defective.max() <= 1.0
+        change = np.abs(defective - images).max(1)
+        assert np.array_equal(change > CHANGED, masks), (name, kind)
+        assert np.all(change[~masks] <= CHANGED), (name, kind)    # nothing outside the mask moves
+        assert masks.any(axis=(1, 2)).all(), (name, kind)
+        assert masks.mean() <= 0.25, (name, kind, masks.mean())   # local, not the whole image
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTURE_DEFECTS))
+def test_defects_are_seeded(kind: str) -> None:
+    image = sample_images()["texture"][0]
+    first, mask = apply_defect(image, kind, 7)
+    again, same_mask = apply_defect(image, kind, 7)
+    other, _ = apply_defect(image, kind, 8)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(mask, same_mask)
+    assert not np.array_equal(first, other)
+
+
+def test_region_defects_cover_a_modest_area() -> None:
+    texture = sample_images()["texture"].repeat(8, 0)
+    for kind in ("gaussian_noise", "stain", "missing_patch", "blur", "contrast", "intensity_shift",
+                 "foreign_material", "missing_material"):
+        share = defective_set(texture, kind, seed=0)[1].mean()
+        assert 0.03 <= share <= 0.15, (kind, share)
+
+
+def test_unknown_defect_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown defect"):
+        apply_defect(np.zeros((1, 8, 8), np.float32), "rust", 0)
+
+
+def test_threshold_is_the_service_threshold() -> None:
+    scores = np.random.default_rng(0).normal(size=250)
+    runtime = ModelRuntime(module=None, metadata={}, path=Path("x"), sha256="", calibration_scores=np.sort(scores))
+    for fpr in (0.004, 0.01, 0.05, 0.3):
+        assert conformal_threshold(scores, fpr) == runtime.threshold(fpr)
+    assert np.isnan(conformal_threshold(scores[:50], 0.01))   # too few scores for 1%
+
+
+def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Path, tmp_path: Path) -> None:
+    options = Options(out=tmp_path / "report", digits=digits_artifact, fashion=tmp_path / "absent.pt",
+                      suites=("defects", "calibration"), quick=True, progress=False, cache=tmp_path / "cache")
+    results = run(options)
+    block = results["defects"]["digits"]
+    kinds = ("recon", "elbo", "iwae", "excess", "peak")
+    assert list(block["metrics"])[0] == "vae:excess"            # the artifact's default comes first
+    assert set(block["metrics"]) == {*(f"vae:{k}" for k in kinds), *ANCHOR_NAMES}
+    for per_kind in block["metrics"].values():
+        assert set(per_kind) == {*IMAGE_DEFECTS, "mean"}
+        for metrics in per_kind.values():
+            assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["aupr"] <= 1.0
+            assert 0.0 <= metrics["recall"] <= 1.0
+    assert block["parity"] == "equal to the artifact's calibration scores"
+    assert all(0.0 <= v <= 1.0 for kind in block["pixel"].values() for v in kind.values())
+    observed = results["calibration"]["artifacts"]["digits"]["observed"]
+    assert set(observed) == set(block["metrics"])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert ("| kind | vae:excess | vae:recon | vae:elbo | vae:iwae | vae:peak | PCA recon | PCA KDE | OC-SVM "
+            "| IForest |") in report
+    assert "## The targets" in report and "digits: observed FPR at the 1% threshold (vae:excess)" in report
+    assert (tmp_path / "report" / "defects-digits-auroc.png").stat().st_size > 0
+    assert (tmp_path / "report" / "results.json").exists()
+
+
+def test_texture_bands_are_disjoint() -> None:
+    train, cal, test = texture_patches("brick", stride=32)
+    assert train.shape[1:] == cal.shape[1:] == test.shape[1:] == (64, 64)
+    assert len(train) > len(test) > 0 and len(cal) > 0
+    # no patch of one band reappears in another (the bands are separate columns of the image)
+    seen = {p.tobytes() for p in train}
+    assert not any(p.tobytes() in seen for p in (*cal, *test))
