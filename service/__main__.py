@@ -5,12 +5,16 @@ Options override the VAE_* environment variables they mirror (see service/settin
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
+from .app import create_app
+from .logs import configure_logging
 from .settings import Settings
 
 
@@ -32,11 +36,26 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[f"VAE_{field.upper()}"] = str(value)      # worker processes read settings from here
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=False,
+    configure_logging(settings.log_level)
+    # uvicorn drains on SIGTERM (stops accepting, finishes open requests, runs the lifespan's
+    # shutdown), then raises the signal again to die by it; a drained stop is a clean exit
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    # log_config=None: uvicorn's loggers propagate to the JSON handler instead of their own format
+    uvicorn.run("service.__main__:served_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level, access_log=False, log_config=None,
                 timeout_graceful_shutdown=30)
     return 0
+
+
+def exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def served_app() -> FastAPI:
+    """The app as the server process builds it (each worker process calls this): JSON logs first."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,28 @@ warms the model up, and starts and stops the batchers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
+from .auth import APIKeyMiddleware, KeyRing, add_security_to_openapi
 from .errors import ArtifactError, ServiceError
-from .inference import Inference
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
-from .routes import generate, images, kserve, meta, page
-from .runtime import ModelRuntime
+from .middleware import BodyLimitMiddleware, InFlightLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
+from .reload import load_and_warm_up, reload_model, start_serving
+from .routes import admin, generate, images, kserve, meta, page
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -31,31 +38,52 @@ Every error is JSON with a readable `detail`."""
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    app.state.reload_lock = asyncio.Lock()
     try:
-        runtime = ModelRuntime.load(settings.model_path, settings.verify_checksum, settings.torch_threads)
-        seconds = runtime.warm_up()
+        loaded = await asyncio.to_thread(load_and_warm_up, settings.model_path, settings)
     except ArtifactError as error:
         # one clear line, no traceback; the process stays up so /readyz can say why it is not ready
         log.error("cannot serve a model: %s", error)
         app.state.load_error = str(error)
     else:
-        app.state.inference = Inference(runtime, settings, app.state.metrics)
-        app.state.inference.start()
-        app.state.metrics.model.info({"name": runtime.name, "sha256": runtime.sha256, "score_kind": runtime.score_kind,
-                                      "format_version": str(runtime.metadata["format_version"])})
-        app.state.metrics.ready.set(1)
-        log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", runtime.name, settings.model_path,
-                 runtime.sha256[:12], seconds)
-        if settings.default_fpr < runtime.min_fpr:
-            log.warning("VAE_DEFAULT_FPR=%g is below what %d calibration scores support (%.3g): /anomaly-score "
-                        "answers 422 unless a request passes a larger fpr", settings.default_fpr,
-                        len(runtime.calibration_scores), runtime.min_fpr)
+        start_serving(app, loaded.runtime)
+        log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, settings.model_path,
+                 loaded.runtime.sha256[:12], loaded.warm_up_seconds)
+    hangup = install_reload_on_sighup(app)
     try:
         yield
     finally:
+        # uvicorn has stopped accepting and waited for open requests by now; drain what is left
+        if hangup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         app.state.metrics.ready.set(0)
+        await asyncio.gather(*app.state.retiring, return_exceptions=True)
         if app.state.inference is not None:
             await app.state.inference.stop()
+
+
+def install_reload_on_sighup(app: FastAPI) -> bool:
+    """`kill -HUP <pid>` reloads the served artifact from disk, like POST /admin/reload with no body.
+    Only in the main thread of a process (a signal handler cannot be set elsewhere)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return False
+    loop = asyncio.get_running_loop()
+
+    async def reload_logged() -> None:
+        try:
+            await reload_model(app, None)
+        except Exception as error:       # the old model keeps serving; say why in one line
+            log.error("SIGHUP reload failed, still serving the previous model: %s", error)
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload_logged(), name="sighup-reload")
+        app.state.retiring.add(task)                 # keeps a reference until it is done
+        task.add_done_callback(app.state.retiring.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        return True
+    return False
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,15 +93,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.inference = None
     app.state.load_error = None
+    app.state.retiring = set()                       # old models finishing their requests after a reload
     add_error_handlers(app)
-    # the last added is the outermost: metrics see every status, including the 500s and 413s below them
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(InternalErrorMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for router in (images.router, generate.router, meta.router, kserve.router, page.router):
+    add_middleware(app, settings)
+    for router in (images.router, generate.router, meta.router, kserve.router, admin.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files(), name="static")
+    app.openapi = lambda: openapi_with_security(app)
     return app
+
+
+def add_middleware(app: FastAPI, settings: Settings) -> None:
+    """The last added is the outermost. From the outside in: metrics and access logs (they see every
+    status), CORS (so browsers can read errors too), the 500 guard, API keys, the in-flight limit
+    and the body limit, all before any handler reads a byte of the body."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlightLimitMiddleware, limit=settings.max_requests_in_flight, metrics=app.state.metrics)
+    app.add_middleware(APIKeyMiddleware, keys=KeyRing(settings.api_keys), public_metrics=settings.public_metrics)
+    app.add_middleware(InternalErrorMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+
+
+# the response headers a browser script may read: the request id, overload advice, and the
+# verdicts that travel in headers beside a PNG body
+CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-Anomaly-Score", "X-P-Value", "X-Is-Anomaly",
+                        "X-Threshold", "X-Reconstruction-Errors"]
+
+
+def openapi_with_security(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        app.openapi_schema = add_security_to_openapi(schema, app.state.settings.public_metrics)
+    return app.openapi_schema
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -8,8 +8,10 @@ busy requests pile up and the next batch is larger. Each request gets its own sl
 output, in order. If a batch fails, each request in it is retried alone, so a request that breaks
 the model fails by itself.
 
-Requests that would wait longer than `max_queue_wait` for the model are refused at once
-(`Overloaded`, a 503 with Retry-After), so a burst never grows latency or memory for everyone.
+Requests that would wait longer than `max_queue_wait` for the model, or that would take the
+queue past `max_queued` images, are refused at once (`Overloaded`, a 503 with Retry-After), so a
+burst never grows latency or memory for everyone. Stopping drains: queued and running batches
+finish first, new requests are refused.
 This module knows nothing of HTTP or images.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import Overloaded
+from .errors import NotReady, Overloaded
 
 log = logging.getLogger("service.batching")
 BatchFunction = Callable[[Tensor], Sequence[Tensor]]
@@ -52,13 +54,15 @@ class _Item:
 class Batcher:
     def __init__(self, name: str, run: BatchFunction, executor: Executor, max_images: int = 64,
                  max_wait: float = 0.0, max_queue_wait: float = 2.0, concurrency: int = 1,
-                 on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[str, BatchStats], None] | None = None, max_queued: int = 1 << 30) -> None:
         self.name = name
         self._run = run
         self._executor = executor
         self.max_images = max_images
         self.max_wait = max_wait
         self.max_queue_wait = max_queue_wait
+        self.max_queued = max_queued
+        self._closing = False
         self._on_batch = on_batch
         self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)     # batches running at once
@@ -77,12 +81,24 @@ class Batcher:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new requests, let the queued and running ones finish (up to drain_timeout), then
+        stop; whatever is still queued after that gets NotReady rather than waiting forever."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout
+        while self.running and (self._queued_images > 0 or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for task in [self._task, *self._running]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        leftovers = [self._carry] if self._carry is not None else []
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for item in leftovers:
+            if not item.future.done():
+                item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
 
     # ---- the request side -----------------------------------------------------------------------
     async def submit(self, inputs: Tensor) -> tuple[Tensor, ...]:
@@ -94,6 +110,12 @@ class Batcher:
         return await item.future
 
     def _admit(self, images: int) -> None:
+        if self._closing:
+            raise NotReady("the server is shutting down; retry on another replica")
+        if self._queued_images and self._queued_images + images > self.max_queued:
+            drain_s = self._queued_images * self._seconds_per_image / self.concurrency
+            raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, the limit is "
+                             f"{self.max_queued}); retry later", retry_after_s=math.ceil(drain_s))
         expected_wait = (self._queued_images + images) * self._seconds_per_image / self.concurrency
         if self._queued_images and expected_wait > self.max_queue_wait:
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, about "

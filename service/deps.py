@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import numpy as np
@@ -25,11 +26,23 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_inference(request: Request) -> Inference:
+def current_inference(request: Request) -> Inference:
+    """The model being served now (a reload may replace it at any time); 503 while there is none."""
     inference = request.app.state.inference
     if inference is None:
         raise NotReady(f"no model is loaded: {request.app.state.load_error or 'still starting'}")
     return inference
+
+
+async def get_inference(request: Request) -> AsyncIterator[Inference]:
+    """The current model, held for the whole request: a reload swaps in a new one for new requests,
+    and stops the old one only once every request holding it is done."""
+    inference = current_inference(request)
+    inference.users += 1
+    try:
+        yield inference
+    finally:
+        inference.users -= 1
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -32,8 +32,10 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.codec_seconds = Histogram("vae_codec_seconds", "time decoding inputs and encoding outputs",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("vae_overload_rejections", "requests refused with 503 because the queue was full",
+        self.rejected = Counter("vae_overload_rejections", "requests refused with 503 because the server was full",
                                 registry=r)
+        self.in_flight = Gauge("vae_http_requests_in_flight", "HTTP requests being handled now", registry=r)
+        self.reloads = Counter("vae_model_reloads", "model reloads by outcome", ["outcome"], registry=r)
         self.ready = Gauge("vae_model_ready", "1 when a model is loaded and answering", registry=r)
         self.model = Info("vae_model", "the artifact being served", registry=r)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Any, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_model() -> Path:
@@ -28,11 +30,29 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def comma_or_json_list(value: Any) -> Any:
+    """`a,b` or `["a", "b"]` from the environment, as a list; lists pass through."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError("not a valid JSON list") from None     # the error must not quote the text
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+API_KEY_CHARACTERS = re.compile(r"^[\x21-\x7e]{16,256}$")     # printable ASCII, no spaces
 MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VAE_", env_file=".env", env_ignore_empty=True, extra="ignore")
+    # hide_input_in_errors: a malformed VAE_API_KEYS must not print the keys in its error
+    model_config = SettingsConfigDict(env_prefix="VAE_", env_file=".env", env_ignore_empty=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     # ---- model --------------------------------------------------------------------------------
     model_path: Path = Field(default_factory=default_model, description="the artifact to serve")
@@ -66,6 +86,43 @@ class Settings(BaseSettings):
     max_sample_n: int = Field(1024, ge=1, description="largest n for /sample (422 past it)")
     max_interpolate_steps: int = Field(256, ge=2, description="largest steps for /interpolate (422 past it)")
     default_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the default threshold")
+    max_queued_images: int = Field(4096, ge=1, description="images waiting for the model, per operation; past "
+                                                         "it 503 with Retry-After at once (bounds memory)")
+    max_requests_in_flight: int = Field(512, ge=1, description="requests handled at once (probes and /metrics "
+                                                              "aside); past it 503 with Retry-After before the "
+                                                              "body is read")
+    model_timeout_s: float = Field(30.0, gt=0, description="a request still waiting for the model after this "
+                                                         "long gets 503 with Retry-After instead of a late answer")
+
+    # ---- access -------------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="API keys, comma-separated or a JSON list (several, for rotation); empty: no "
+                        "authentication")
+    public_metrics: bool = Field(True, description="/metrics answers without a key (scrapers rarely hold one; "
+                                                   "it carries no request content)")
+    admin_without_keys: bool = Field(False, description="allow POST /admin/reload with no API keys set (only "
+                                                        "on a trusted network)")
+    models_dir: Path | None = Field(None, description="where POST /admin/reload may load artifacts from "
+                                                      "(default: the directory of VAE_MODEL_PATH)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="origins allowed to call the API from a browser, comma-separated (empty: no CORS)")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return comma_or_json_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        # the message never quotes a key: settings errors end up in logs
+        for index, key in enumerate(keys):
+            if not API_KEY_CHARACTERS.match(key.get_secret_value()):
+                raise ValueError(f"API key {index} must be 16 to 256 printable ASCII characters without spaces "
+                                 "or commas")
+            if "," in key.get_secret_value():
+                raise ValueError(f"API key {index} must not contain a comma")
+        return keys
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

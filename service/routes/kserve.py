@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..deps import MetricsDep, SettingsDep, get_inference
+from ..deps import InferenceDep, MetricsDep, SettingsDep, current_inference
 from ..errors import ServiceError
 from ..inference import Inference
 from ..runtime import ModelRuntime
@@ -144,9 +144,10 @@ def artifact_version(runtime: ModelRuntime) -> str:
     return str(runtime.metadata.get("created") or runtime.sha256[:12])
 
 
-def served_model(request: Request, model_name: str, version: str | None) -> Inference:
+def served_model(request: Request, model_name: str, version: str | None,
+                 inference: Inference | None = None) -> Inference:
     """The inference of the model named in the path; 404 for another name or version."""
-    inference = get_inference(request)          # 503 while no model is loaded
+    inference = inference or current_inference(request)         # 503 while no model is loaded
     runtime = inference.runtime
     if model_name != runtime.name:
         raise V2Error(f"unknown model {model_name!r}; this server serves {runtime.name!r}", 404)
@@ -217,10 +218,10 @@ INFER_BODY: dict[str, Any] = {
 @router.post("/models/{model_name}/versions/{model_version}/infer", responses=ERRORS,
              openapi_extra={"requestBody": INFER_BODY})
 async def infer(request: Request, model_name: str, settings: SettingsDep, metrics: MetricsDep,
-                model_version: str | None = None) -> Response:
+                held: InferenceDep, model_version: str | None = None) -> Response:
     """Inference on JSON tensors: `images` in, the requested outputs (default score, p_value,
     is_anomaly) out, each as a flat row-major `data` list with its shape and datatype."""
-    inference = served_model(request, model_name, model_version)
+    inference = served_model(request, model_name, model_version, held)
     runtime = inference.runtime
     if "inference-header-content-length" in request.headers:
         raise V2Error("the binary tensor data extension is not supported; send the tensors as JSON data")
