@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.batching import Batcher, BatchStats
-from service.errors import Overloaded
+from service.errors import NotReady, Overloaded
 
 
 class CountingModel:
@@ -192,3 +192,36 @@ def test_overload_is_refused_at_once_with_retry_after() -> None:
                                        model=CountingModel(delay=0.2))
     assert seconds < 0.05 and int(error.headers["Retry-After"]) >= 1
     assert len(done) == 3 and all(d[0].shape == (4, 3) for d in done)
+
+
+def test_a_full_queue_is_refused_by_image_count() -> None:
+    async def flood(batcher: Batcher):
+        first = asyncio.create_task(batcher.submit(torch.zeros(3, 3)))
+        await asyncio.sleep(0.02)                       # running, still counted until it finishes
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(torch.zeros(3, 3))
+        return await first, refused.value
+
+    (outputs, refused), _, _ = run(flood, model=CountingModel(delay=0.3), max_queued=4)
+    assert len(outputs[0]) == 3
+    assert "limit is 4" in refused.detail and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_stop_drains_what_is_queued_and_refuses_new_requests() -> None:
+    async def main():
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher("test", CountingModel(delay=0.05), executor, max_images=2)
+        batcher.start()
+        inputs = requests_of([2] * 6)
+        pending = [asyncio.create_task(batcher.submit(x)) for x in inputs]
+        await asyncio.sleep(0.01)
+        await batcher.stop()                            # six batches of 0.05 s still to run
+        results = await asyncio.gather(*pending)
+        with pytest.raises(NotReady):
+            await batcher.submit(inputs[0])
+        executor.shutdown()
+        return inputs, results
+
+    inputs, results = asyncio.run(main())
+    for x, (y, _) in zip(inputs, results, strict=True):
+        assert torch.equal(y, 2 * x + 1)

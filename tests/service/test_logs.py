@@ -1,0 +1,56 @@
+"""Access logs: one JSON line per request with its id, never its content; request ids from
+clients only when they look like ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from service.logs import JSONFormatter
+from tests.service.conftest import png_bytes
+
+FIELDS = {"time", "level", "logger", "message", "request_id", "method", "path", "status", "duration_ms", "client",
+          "bytes_in", "bytes_out"}
+
+
+def test_one_json_line_per_request_without_the_body(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    image = png_bytes(np.full((8, 8), 0.5))
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        response = client.post("/encode?sample=true&seed=7", content=image, headers={
+            "content-type": "image/png", "x-request-id": "trace-0042", "authorization": "Bearer secret-value"})
+    records = [r for r in caplog.records if r.name == "service.access" and "/encode" in r.getMessage()]
+    assert len(records) == 1
+    line = JSONFormatter().format(records[0])
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert FIELDS <= set(entry)
+    assert entry["request_id"] == "trace-0042" == response.headers["x-request-id"]
+    assert (entry["method"], entry["path"], entry["status"]) == ("POST", "/encode", 200)
+    assert entry["bytes_in"] == len(image) and entry["bytes_out"] == len(response.content)
+    assert "seed" not in line and "secret-value" not in line and "mu" not in line     # no query, header or body
+
+
+@pytest.mark.parametrize("offered", ["has spaces", "quote\"d", "x" * 129, "new\\nline", "ünïcode"])
+def test_odd_request_ids_are_replaced(client: httpx.Client, offered: str) -> None:
+    response = client.get("/healthz", headers={"x-request-id": offered.encode("utf-8")})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+
+
+def test_made_ids_are_unique(client: httpx.Client) -> None:
+    ids = {client.get("/healthz").headers["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_the_formatter_keeps_tracebacks_on_one_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("service", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+    entry = json.loads(JSONFormatter().format(record))
+    assert entry["message"] == "failed here" and "ValueError: boom" in entry["exception"]
