@@ -10,19 +10,18 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
-from .auth import APIKeyMiddleware, KeyRing, add_security_to_openapi
+from .auth import APIKeyMiddleware, KeyRing
 from .errors import ArtifactError, ServiceError
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, InFlightLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
+from .openapi import service_openapi
 from .reload import load_and_warm_up, reload_model, start_serving
 from .routes import admin, generate, images, kserve, meta, page
 from .settings import Settings
@@ -99,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (images.router, generate.router, meta.router, kserve.router, admin.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files(), name="static")
-    app.openapi = lambda: openapi_with_security(app)
+    app.openapi = lambda: service_openapi(app)
     return app
 
 
@@ -122,13 +121,6 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
 # verdicts that travel in headers beside a PNG body
 CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-Anomaly-Score", "X-P-Value", "X-Is-Anomaly",
                         "X-Threshold", "X-Reconstruction-Errors"]
-
-
-def openapi_with_security(app: FastAPI) -> dict[str, Any]:
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        app.openapi_schema = add_security_to_openapi(schema, app.state.settings.public_metrics)
-    return app.openapi_schema
 
 
 def add_error_handlers(app: FastAPI) -> None:

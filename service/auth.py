@@ -54,14 +54,16 @@ class KeyRing:
         return matched
 
 
-def presented_key(headers: dict[bytes, bytes]) -> str | None:
-    """The key a request carries: a Bearer token, else X-API-Key; None when it carries neither."""
-    authorization = headers.get(b"authorization", b"").decode("latin-1").strip()
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    api_key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
-    return api_key or None
+def presented_keys(headers: dict[bytes, bytes]) -> list[str | None]:
+    """Every credential a request carries: a Bearer token and an X-API-Key, each when present
+    (None for an Authorization header that is not a Bearer token: a wrong credential)."""
+    keys: list[str | None] = []
+    if b"authorization" in headers:
+        scheme, _, token = headers[b"authorization"].decode("latin-1").strip().partition(" ")
+        keys.append(token.strip() or None if scheme.lower() == "bearer" else None)
+    if b"x-api-key" in headers:
+        keys.append(headers[b"x-api-key"].decode("latin-1").strip() or None)
+    return keys
 
 
 def is_open(path: str, public_metrics: bool) -> bool:
@@ -79,11 +81,13 @@ class APIKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys.enabled or is_open(scope["path"], self.public_metrics):
             return await self.app(scope, receive, send)
-        key = presented_key(dict(scope.get("headers") or []))
-        if key is None:
+        keys = presented_keys(dict(scope.get("headers") or []))
+        if not keys:
             return await reject(scope, send, 401, "this endpoint needs an API key: send Authorization: Bearer "
                                                   "<key> or X-API-Key: <key>", CHALLENGE)
-        if not self.keys.accepts(key):
+        # every credential sent must be valid: a wrong one beside a right one is still refused
+        valid = [key is not None and self.keys.accepts(key) for key in keys]
+        if not all(valid):
             return await reject(scope, send, 401, "the API key is not valid", CHALLENGE)
         await self.app(scope, receive, send)
 

@@ -24,7 +24,7 @@ IMAGES_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
         "application/json": {"schema": {"$ref": "#/components/schemas/ImagesIn"},

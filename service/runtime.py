@@ -136,7 +136,9 @@ class ModelRuntime:
         p-value can reach: the calibration set is too small to promise it."""
         n = len(self.calibration_scores)
         if fpr < self.min_fpr:
-            raise ValueError(f"fpr = {fpr:g} needs at least {math.ceil(1 / fpr) - 1:,} calibration scores; "
+            # 1 / fpr overflows to infinity for subnormal rates (5e-324): say "more than" then
+            needed = f"{math.ceil(1 / fpr) - 1:,}" if 1 / fpr < 1e18 else "10^18"
+            raise ValueError(f"fpr = {fpr:g} needs at least {needed} calibration scores; "
                              f"this model has {n:,}, so the smallest fpr it supports is {self.min_fpr:.3g}")
         index = n - math.floor(fpr * (n + 1))
         return float(self.calibration_scores[max(index, 0)])
