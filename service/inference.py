@@ -26,7 +26,10 @@ class Inference:
         self.model_timeout = settings.model_timeout_s
         self.users = 0                  # requests holding this inference (a reload waits for them)
         concurrency = settings.resolved_model_concurrency()
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model")
+        # each model thread sets its own torch threads: the setting is per thread (OpenMP), and the
+        # artifact may have been loaded on another thread (a reload, the lifespan's worker)
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model",
+                                            initializer=torch.set_num_threads, initargs=(settings.torch_threads,))
         operations = {
             "encode": runtime.encode,
             "decode": lambda z: (runtime.decode(z),),
