@@ -58,6 +58,8 @@ from .config import TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
 from .export import load_artifact, score_images  # noqa: E402
+from .plots import save_figure  # noqa: E402
+from .report import conformal_threshold as report_threshold  # noqa: E402
 
 SUITES = ("defects", "textures", "novelty", "calibration")
 TEXTURES = ("brick", "grass", "gravel")
@@ -73,15 +75,10 @@ TEXTURE_MODEL = {"likelihood": "gaussian", "latent_dim": 32, "conv_channels": (1
 # ---- metrics ---------------------------------------------------------------------------------
 
 def conformal_threshold(calibration: np.ndarray, fpr: float) -> float:
-    """The service's threshold (service/runtime.py, `ModelRuntime.threshold`, restated because
-    training never imports the service): the calibration score such that `score > threshold`
-    holds exactly when the conformal p-value is <= fpr. NaN when the calibration set is too small
-    for that rate (the service answers 422 then)."""
-    scores = np.sort(np.asarray(calibration, dtype=np.float64))
-    n = len(scores)
-    if fpr < 1 / (n + 1):
-        return float("nan")
-    return float(scores[n - math.floor(fpr * (n + 1))])
+    """The service's threshold (`training.report.conformal_threshold`), NaN when the calibration
+    set is too small for that rate (the service answers 422 then): NaN flags nothing."""
+    threshold = report_threshold(calibration, fpr)
+    return float("nan") if threshold is None else threshold
 
 
 def flagged(scores: np.ndarray, threshold: float) -> float:
@@ -510,7 +507,7 @@ def plot_kind_bars(metrics: dict[str, dict[str, dict[str, float]]], names: Seque
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=min(4, len(names)), loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_examples(examples: dict[str, dict[str, Any]], title: str, path: Path) -> Path:
@@ -535,15 +532,7 @@ def plot_examples(examples: dict[str, dict[str, Any]], title: str, path: Path) -
                 ax.set_ylabel(rows[i], fontsize=7)
         axes[0, j].set_title(kind.replace("_", " "), fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def detection_section(title: str, block: dict[str, Any], out: Path, stem: str) -> list[str]:

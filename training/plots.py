@@ -29,7 +29,7 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> Path:
     ax.set_title("training losses")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def plot_grid(images: np.ndarray, columns: int, title: str, path: Path) -> Path:
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(inputs: np.ndarray, recons: np.ndarray, path: Path) -> Path:
@@ -84,7 +84,7 @@ def plot_latent(mu: np.ndarray, labels: np.ndarray | None, class_names: list[str
     ax.set_xlabel(f"{axis_name} 1")
     ax.set_ylabel(f"{axis_name} 2")
     ax.set_title("latent means of held-out images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_manifold(decode: Callable[[torch.Tensor], torch.Tensor], path: Path, steps: int = 15) -> Path:
@@ -115,10 +115,11 @@ def plot_calibration(scores: np.ndarray, threshold: float | None, fpr: float, sc
     ax.set_ylabel("calibration images")
     ax.set_title(f"calibration scores (n = {len(scores)})", loc="left")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write the figure (creating its folder) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
