@@ -11,16 +11,20 @@ const state = {
 const MAX_PARALLEL_CARDS = 4;  // the server batches concurrent requests; more would only queue
 
 const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "vae-api-key";  // sessionStorage: the key leaves with the tab
 
 // ---- talking to the API ----------------------------------------------------------------------
 
 async function api(path, options = {}) {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) options = { ...options, headers: { ...(options.headers || {}), "X-API-Key": key } };
   let response;
   try {
     response = await fetch(path, options);
   } catch (error) {
     throw new Error(`the service did not answer (${error.message})`);
   }
+  if (response.status === 401) $("key-form").hidden = false;   // ask for a (new) key
   const text = await response.text();
   let body = null;
   try {
@@ -99,6 +103,15 @@ async function loadModel() {
     $("model-name").textContent = "unavailable";
     showError($("model-error"), `Cannot read the model: ${error.message}`);
   }
+}
+
+function useKey(event) {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  clearError($("model-error"));
+  loadModel();
 }
 
 function fillFprChoices(calibration) {
@@ -342,5 +355,6 @@ document.addEventListener("DOMContentLoaded", () => {
   setUpInterpolation();
   $("sample-form").addEventListener("submit", drawSamples);
   $("fpr").addEventListener("change", rescoreAll);
+  $("key-form").addEventListener("submit", useKey);
   loadModel();
 });
