@@ -117,6 +117,8 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
 
 
+FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
 # the response headers a browser script may read: the request id, overload advice, and the
 # verdicts that travel in headers beside a PNG body
 CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-Anomaly-Score", "X-P-Value", "X-Is-Anomaly",
@@ -138,5 +140,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
+        detail = str(error.detail)
+        if detail == FASTAPI_PARSE_ERROR:              # FastAPI's words for any body it cannot decode
+            detail = "the body is not JSON this service can read: malformed, or nested too deeply"
+        return JSONResponse({"detail": detail}, status_code=error.status_code,
                             headers=getattr(error, "headers", None))

@@ -102,6 +102,15 @@ def test_bad_sample_requests(client: httpx.Client, body: dict, phrase: str) -> N
     assert_error(client.post("/sample", json=body), 422, phrase)
 
 
+@pytest.mark.parametrize("path", ["/anomaly-score", "/decode", "/sample"])
+def test_json_nested_too_deeply_is_a_clear_4xx(client: httpx.Client, path: str) -> None:
+    key = {"/anomaly-score": "images", "/decode": "z", "/sample": "n"}[path]
+    body = f'{{"{key}": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert "nested too deeply" in response.json()["detail"] or "depth limit" in response.json()["detail"]
+
+
 def test_interpolate_needs_two_images_and_bounded_steps(client: httpx.Client) -> None:
     assert_error(client.post("/interpolate", json={"images": [GOOD]}), 422, "exactly two images, got 1")
     assert_error(client.post("/interpolate?steps=1000", json={"images": [GOOD, GOOD]}), 422, "above the limit")
