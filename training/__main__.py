@@ -73,33 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    try:
+        run(args, shlex.join(["python", "-m", "training", *argv]))
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    """One subcommand; the heavy imports wait until one is chosen, so --help answers at once."""
     if args.command == "train":
         from .train import train
 
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-        try:
-            train(TrainConfig(**values), command=shlex.join(["python", "-m", "training", *argv]))
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "calibrate":
-        from .calibrate import main as calibrate_main
+        train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}), command=command)
+    elif args.command == "calibrate":
+        from .calibrate import calibrate, describe
 
-        try:
-            return calibrate_main(args)
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "report":
+        out = Path(args.out) if args.out else None
+        print(describe(calibrate(Path(args.artifact), out, args.score, args.data, command), out or args.artifact))
+    elif args.command == "report":
         from .report import regenerate_report
 
-        try:
-            written = regenerate_report(Path(args.artifact))
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        written = regenerate_report(Path(args.artifact))
         print(f"wrote {written[-1]} and {len(written) - 1} plots beside it")
-    return 0
 
 
 if __name__ == "__main__":

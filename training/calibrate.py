@@ -12,8 +12,6 @@ own calibration split, rebuilt from the training config it records.
 
 from __future__ import annotations
 
-import shlex
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,21 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data import ImageSet, Splits, load_source, split_set
-from .export import export_artifact, load_artifact
+from .data import load_source
+from .export import artifact_splits, export_artifact, load_artifact
 from .model import VAEConfig, build_vae
 from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
-
-
-def artifact_splits(metadata: dict[str, Any], source: ImageSet | None = None) -> Splits:
-    """The very split the artifact was trained, calibrated and tested on, rebuilt from its config
-    (from `source` when the caller has loaded the config's data already)."""
-    config = TrainConfig.from_dict(metadata["training"]["config"])
-    if source is None:
-        source = load_source(config.data, config.image_size, config.channels, config.pixel_max)
-    return split_set(source, config.val_fraction, config.cal_fraction, config.test_fraction, config.seed,
-                     config.class_filter, config.max_images)
 
 
 def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], score_kind: str) -> ServableVAE:
@@ -81,11 +68,8 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
 
 
-def main(args: Any) -> int:
-    command = shlex.join(["python", "-m", "training", *sys.argv[1:]])
-    written = calibrate(Path(args.artifact), Path(args.out) if args.out else None, args.score, args.data, command)
-    scores = np.asarray(written["calibration"]["scores"])
-    print(f"wrote {args.out or args.artifact}: score {written['calibration']['score_kind']}, "
-          f"{len(scores)} calibration scores, median {np.median(scores):.4g}, 99th percentile "
-          f"{np.quantile(scores, 0.99):.4g}")
-    return 0
+def describe(metadata: dict[str, Any], path: Path | str) -> str:
+    """The command's one line: where it wrote, and the new calibration at a glance."""
+    scores = np.asarray(metadata["calibration"]["scores"])
+    return (f"wrote {path}: score {metadata['calibration']['score_kind']}, {len(scores)} calibration scores, "
+            f"median {np.median(scores):.4g}, 99th percentile {np.quantile(scores, 0.99):.4g}")

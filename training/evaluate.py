@@ -52,11 +52,11 @@ from sklearn.neighbors import KernelDensity  # noqa: E402
 from sklearn.svm import OneClassSVM  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .calibrate import artifact_splits as split_of  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
+from .export import artifact_splits as split_of  # noqa: E402
 from .export import load_artifact, score_images  # noqa: E402
 from .plots import save_figure  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
@@ -199,7 +199,7 @@ _SOURCES: dict[tuple, ImageSet] = {}
 
 
 def artifact_splits(metadata: dict[str, Any]) -> Splits:
-    """The artifact's own split (`training.calibrate.artifact_splits`), each source loaded once per run."""
+    """The artifact's own split (`training.export.artifact_splits`), each source loaded once per run."""
     config = TrainConfig.from_dict(metadata["training"]["config"])
     key = (config.data, config.image_size, config.channels, config.pixel_max)
     if key not in _SOURCES:

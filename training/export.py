@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import TrainConfig
+from .data import ImageSet, Splits, load_source, split_set
 from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
 
 FORMAT_VERSION = 1
@@ -115,3 +117,14 @@ def load_artifact(path: Path, verify: bool = True) -> tuple[torch.jit.ScriptModu
     extra = {METADATA_FILE: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module.eval(), json.loads(extra[METADATA_FILE])
+
+
+def artifact_splits(metadata: dict[str, Any], source: ImageSet | None = None) -> Splits:
+    """The very split the artifact was trained, calibrated and tested on, rebuilt from the config it
+    carries (a seeded permutation: the same config gives the same images), from `source` when the
+    caller has loaded the config's data already."""
+    config = TrainConfig.from_dict(metadata["training"]["config"])
+    if source is None:
+        source = load_source(config.data, config.image_size, config.channels, config.pixel_max)
+    return split_set(source, config.val_fraction, config.cal_fraction, config.test_fraction, config.seed,
+                     config.class_filter, config.max_images)

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from . import plots
-from .config import TrainConfig
-from .data import Splits, load_source, split_set
-from .export import load_artifact
+from .data import Splits
+from .export import artifact_splits, load_artifact
 
 REPORT_FPR = 0.01           # the service's default false-positive rate (VAE_DEFAULT_FPR)
 PLOTTED_TEST_IMAGES = 2000  # the latent-space plot's cap, to keep it readable and quick
@@ -198,15 +197,6 @@ def duration(seconds: Any) -> str:
 
 
 # ---- an existing artifact ----------------------------------------------------------------------
-
-def artifact_splits(metadata: dict[str, Any]) -> Splits:
-    """The split the artifact was trained on, rebuilt from the config it carries (the split is a
-    seeded permutation, so the same config gives the same test images)."""
-    config = TrainConfig.from_dict(metadata["training"]["config"])
-    data = load_source(config.data, config.image_size, config.channels, config.pixel_max)
-    return split_set(data, config.val_fraction, config.cal_fraction, config.test_fraction,
-                     config.seed, config.class_filter, config.max_images)
-
 
 def regenerate_report(artifact: Path) -> list[Path]:
     """(Re)write `<stem>-report/` for an artifact without retraining; returns the files written."""

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.calibrate import artifact_splits, calibrate
-from training.export import load_artifact, score_images
+from training.calibrate import calibrate
+from training.export import artifact_splits, load_artifact, score_images
 from training.scoring import SCORE_KINDS
 
 
