@@ -17,12 +17,11 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .middleware import reject
+from .middleware import PROBE_PATHS, reject
 
 # health probes (kubelet and KServe hold no secrets), the page and its assets (their API calls
 # still need a key), and the API's own documentation
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/",
-                        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
+OPEN_PATHS = PROBE_PATHS | {"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
 OPEN_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="vae-service"'}

@@ -54,8 +54,10 @@ class BodyLimitMiddleware:
 # a client's id is kept when it looks like an id (UUIDs, hex, trace ids), else replaced: it goes
 # into logs and headers, so no spaces, quotes or control characters, and no megabyte ids
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-# liveness, readiness and scraping must answer even when the API is saturated
-UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# liveness and readiness probes (ours and the Open Inference Protocol's)
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# probes and scraping must answer even when the API is saturated
+UNLIMITED_PATHS = PROBE_PATHS | {"/metrics"}
 
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
