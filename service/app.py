@@ -19,10 +19,11 @@ from starlette.responses import JSONResponse
 
 from .auth import APIKeyMiddleware, KeyRing
 from .errors import ArtifactError, ServiceError
+from .fast_lane import AnomalyScoreLane
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, InFlightLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
 from .openapi import service_openapi
-from .reload import load_and_warm_up, reload_model, start_serving
+from .reload import freeze_long_lived, load_and_warm_up, reload_model, start_serving
 from .routes import admin, generate, images, kserve, meta, page
 from .settings import Settings
 
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start_serving(app, loaded.runtime)
         log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, settings.model_path,
                  loaded.runtime.sha256[:12], loaded.warm_up_seconds)
+    freeze_long_lived()
     hangup = install_reload_on_sighup(app)
     try:
         yield
@@ -105,7 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def add_middleware(app: FastAPI, settings: Settings) -> None:
     """The last added is the outermost. From the outside in: metrics and access logs (they see every
     status), CORS (so browsers can read errors too), the 500 guard, API keys, the in-flight limit
-    and the body limit, all before any handler reads a byte of the body."""
+    and the body limit, all before any handler reads a byte of the body; innermost, the lean path
+    for one raw image to /anomaly-score."""
+    if settings.fast_lane:
+        app.add_middleware(AnomalyScoreLane, settings=settings, metrics=app.state.metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlightLimitMiddleware, limit=settings.max_requests_in_flight, metrics=app.state.metrics)
     app.add_middleware(APIKeyMiddleware, keys=KeyRing(settings.api_keys), public_metrics=settings.public_metrics)

@@ -11,7 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from . import codecs
+from .errors import BadInput
 from .metrics import Metrics
+from .runtime import ModelRuntime
 from .schemas import FastJSONResponse, ImageFormat
 
 
@@ -53,3 +55,18 @@ async def images_response(request: Request, images: np.ndarray, fmt: ImageFormat
     if wants_png_body(request, len(images)):
         return Response(await run_in_threadpool(codecs.to_png, images[0]), media_type="image/png")
     return FastJSONResponse({"images": await encode_images(images, fmt, metrics), **fields})
+
+
+def anomaly_verdicts(runtime: ModelRuntime, scores: np.ndarray, fpr: float, metrics: Metrics) -> dict[str, Any]:
+    """The /anomaly-score body without maps: the threshold at `fpr`, and per image its score,
+    conformal p-value and verdict. An fpr the calibration set cannot promise is a 422."""
+    try:
+        threshold = runtime.threshold(fpr)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    scores = scores.astype(np.float64)
+    p_values, flagged = runtime.p_values(scores), scores > threshold
+    metrics.anomalies.inc(int(flagged.sum()))
+    results = [{"score": float(s), "p_value": float(p), "is_anomaly": bool(f)}
+               for s, p, f in zip(scores, p_values, flagged, strict=True)]
+    return {"threshold": threshold, "fpr": fpr, "score_kind": runtime.score_kind, "results": results}

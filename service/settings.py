@@ -75,9 +75,14 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(0.0, ge=0, description="... or after this wait, whichever comes first (0: "
                                                            "take what is queued; batches grow while the model "
                                                            "is busy)")
+    inline_model_ms: float = Field(5.0, ge=0, description="a lone one-image request, the model idle, runs on the "
+                                                         "event loop rather than a model thread while such a call "
+                                                         "takes under this (0: always a model thread)")
     max_queue_wait_s: float = Field(2.0, gt=0, description="a request that would wait longer for the model "
                                                          "is refused at once with 503 and Retry-After")
 
+    fast_lane: bool = Field(True, description="answer one raw image POSTed to /anomaly-score (no query) on a lean "
+                                              "path beside FastAPI: same answer, about half the CPU")
     # ---- limits -------------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * MiB, ge=1024, description="request body limit (413 past it)")
     max_images_per_request: int = Field(256, ge=1, description="images in one request (413 past it)")

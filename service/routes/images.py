@@ -14,7 +14,7 @@ from .. import codecs
 from ..deps import FormatQuery, ImagesDep, InferenceDep, MetricsDep, SettingsDep
 from ..errors import BadInput
 from ..inputs import IMAGES_REQUEST_BODY
-from ..responses import images_response, wants_png_body
+from ..responses import anomaly_verdicts, images_response, wants_png_body
 from ..schemas import (
     AnomalyResponse,
     EncodeResponse,
@@ -64,30 +64,23 @@ async def anomaly_score(
     runtime = inference.runtime
     fpr = fpr or settings.default_fpr
     outputs = await inference.run("score_map" if map else "score", images)
-    scores = outputs[0].astype(np.float64)
-    try:
-        threshold = runtime.threshold(fpr)
-    except ValueError as error:
-        raise BadInput(str(error)) from None
-    p_values, flagged = runtime.p_values(scores), scores > threshold
-    metrics.anomalies.inc(int(flagged.sum()))
-    results = [{"score": float(s), "p_value": float(p), "is_anomaly": bool(f)}
-               for s, p, f in zip(scores, p_values, flagged, strict=True)]
+    verdicts = anomaly_verdicts(runtime, outputs[0], fpr, metrics)
+    results, threshold = verdicts["results"], verdicts["threshold"]
     if map:
         png_body = wants_png_body(request, len(images))
         if format == ImageFormat.png or png_body:
             maps = await run_in_threadpool(_heat_maps, outputs[1], images, runtime.map_scale)
             if png_body:
+                first = results[0]
                 return Response(maps[0], media_type="image/png", headers={
-                    "X-Anomaly-Score": f"{scores[0]:.6g}", "X-P-Value": f"{p_values[0]:.6g}",
-                    "X-Is-Anomaly": str(bool(flagged[0])).lower(), "X-Threshold": f"{threshold:.6g}"})
+                    "X-Anomaly-Score": f"{first['score']:.6g}", "X-P-Value": f"{first['p_value']:.6g}",
+                    "X-Is-Anomaly": str(first["is_anomaly"]).lower(), "X-Threshold": f"{threshold:.6g}"})
             maps = [base64.b64encode(png).decode("ascii") for png in maps]
         else:
             maps = outputs[1]
         for result, anomaly_map in zip(results, maps, strict=True):
             result["map"] = anomaly_map
-    return FastJSONResponse({"threshold": threshold, "fpr": fpr, "score_kind": runtime.score_kind,
-                             "results": results})
+    return FastJSONResponse(verdicts)
 
 
 def _heat_maps(maps: np.ndarray, images: np.ndarray, scale: float) -> list[bytes]:
