@@ -8,6 +8,11 @@ busy requests pile up and the next batch is larger. Each request gets its own sl
 output, in order. If a batch fails, each request in it is retried alone, so a request that breaks
 the model fails by itself.
 
+A lone one-image request, with the model idle and nobody queued behind it, runs right on the event
+loop instead of a model thread (`inline_seconds`): the hop to a thread and back, and the caches
+gone cold on an idle core, cost as much as the model call itself. Only while such calls are known
+to take less than `inline_seconds`, so the loop is never held for long.
+
 Requests that would wait longer than `max_queue_wait` for the model, or that would take the
 queue past `max_queued` images, are refused at once (`Overloaded`, a 503 with Retry-After), so a
 burst never grows latency or memory for everyone. Stopping drains: queued and running batches
@@ -54,7 +59,8 @@ class _Item:
 class Batcher:
     def __init__(self, name: str, run: BatchFunction, executor: Executor, max_images: int = 64,
                  max_wait: float = 0.0, max_queue_wait: float = 2.0, concurrency: int = 1,
-                 on_batch: Callable[[str, BatchStats], None] | None = None, max_queued: int = 1 << 30) -> None:
+                 on_batch: Callable[[str, BatchStats], None] | None = None, max_queued: int = 1 << 30,
+                 inline_seconds: float = 0.0) -> None:
         self.name = name
         self._run = run
         self._executor = executor
@@ -62,6 +68,7 @@ class Batcher:
         self.max_wait = max_wait
         self.max_queue_wait = max_queue_wait
         self.max_queued = max_queued
+        self.inline_seconds = inline_seconds
         self._closing = False
         self._on_batch = on_batch
         self.concurrency = concurrency
@@ -71,6 +78,7 @@ class Batcher:
         self._carry: _Item | None = None         # took it from the queue, but it did not fit
         self._queued_images = 0
         self._seconds_per_image = 0.0            # running estimate, for admission
+        self._lone_image_seconds = 0.0           # running estimate of a one-image call, for inline runs
         self._task: asyncio.Task | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -179,8 +187,12 @@ class Batcher:
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        inputs = [item.inputs for item in batch]
         try:
-            outputs = await loop.run_in_executor(self._executor, self._call, [i.inputs for i in batch])
+            if self._runs_inline(batch):
+                outputs = self._call(inputs)
+            else:
+                outputs = await loop.run_in_executor(self._executor, self._call, inputs)
         except Exception as error:
             if len(batch) > 1:          # find the request that broke it: each alone
                 for item in batch:
@@ -194,6 +206,8 @@ class Batcher:
         images = sum(len(i.inputs) for i in batch)
         self._queued_images -= images
         self._update_speed(model_seconds / images)
+        if images == 1:
+            self._lone_image_seconds = moving_average(self._lone_image_seconds, model_seconds)
         start = 0
         for item in batch:
             end = start + len(item.inputs)
@@ -206,9 +220,14 @@ class Batcher:
                 self._on_batch(self.name, stats)
 
     def _update_speed(self, seconds_per_image: float) -> None:
-        """An exponential moving average, so admission follows the model's recent speed."""
-        previous = self._seconds_per_image
-        self._seconds_per_image = seconds_per_image if not previous else 0.8 * previous + 0.2 * seconds_per_image
+        """Admission follows the model's recent speed."""
+        self._seconds_per_image = moving_average(self._seconds_per_image, seconds_per_image)
+
+    def _runs_inline(self, batch: list[_Item]) -> bool:
+        """One request of one image, no other batch running, nobody queued, and a short model call."""
+        return (self.inline_seconds > 0 and len(batch) == 1 and len(batch[0].inputs) == 1 and len(self._running) <= 1
+                and self._carry is None and self._queue.empty()
+                and self._lone_image_seconds <= self.inline_seconds)
 
     def _call(self, inputs: list[Tensor]) -> Sequence[Tensor]:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
@@ -216,3 +235,8 @@ class Batcher:
         if any(len(out) != len(x) for out in outputs):
             raise RuntimeError(f"{self.name}: the model returned outputs not matching {len(x)} inputs")
         return outputs
+
+
+def moving_average(previous: float, value: float) -> float:
+    """Exponential, weighting the newest value by 0.2; the first value (previous 0) stands alone."""
+    return value if not previous else 0.8 * previous + 0.2 * value

@@ -24,6 +24,7 @@ class Inference:
         self.runtime = runtime
         self.metrics = metrics
         self.model_timeout = settings.model_timeout_s
+        self.torch_threads = settings.torch_threads
         self.users = 0                  # requests holding this inference (a reload waits for them)
         concurrency = settings.resolved_model_concurrency()
         # each model thread sets its own torch threads: the setting is per thread (OpenMP), and the
@@ -41,11 +42,13 @@ class Inference:
             name: Batcher(name, run, self._executor, max_images=settings.max_batch_images,
                           max_wait=settings.max_batch_wait_ms / 1000, max_queue_wait=settings.max_queue_wait_s,
                           concurrency=concurrency, on_batch=metrics.observe_batch,
-                          max_queued=settings.max_queued_images)
+                          max_queued=settings.max_queued_images, inline_seconds=settings.inline_model_ms / 1000)
             for name, run in operations.items()
         }
 
     def start(self) -> None:
+        """On the event loop's thread, which runs lone one-image requests itself (see Batcher)."""
+        torch.set_num_threads(self.torch_threads)
         for batcher in self.batchers.values():
             batcher.start()
 

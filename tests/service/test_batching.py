@@ -21,6 +21,7 @@ class CountingModel:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.threads: list[str] = []            # the thread each batch ran on
         self.delay = delay
         self.running = 0
         self.most_at_once = 0
@@ -31,6 +32,7 @@ class CountingModel:
             raise ValueError("cannot process NaN")
         with self._lock:
             self.batches.append(len(x))
+            self.threads.append(threading.current_thread().name)
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.delay)
@@ -100,6 +102,45 @@ def test_a_lone_request_waits_no_longer_than_max_wait() -> None:
     assert 0.19 <= elapsed < 1.0 and stats[0].queue_seconds[0] >= 0.19
     elapsed, _, _ = run(go, max_images=64, max_wait=0.0)
     assert elapsed < 0.15
+
+
+def test_a_lone_one_image_request_runs_on_the_event_loop_and_the_rest_on_model_threads() -> None:
+    loop_thread = threading.current_thread().name           # asyncio.run runs the loop right here
+
+    async def go(batcher: Batcher):
+        lone = await batcher.submit(requests_of([1])[0])
+        pair = await batcher.submit(requests_of([2])[0])
+        crowd = await asyncio.gather(*(batcher.submit(x) for x in requests_of([1, 1, 1])))
+        return lone, pair, crowd
+
+    (lone, pair, crowd), model, _ = run(go, max_images=64, max_wait=0.05, inline_seconds=0.5)
+    assert model.batches == [1, 2, 3]
+    assert model.threads[0] == loop_thread
+    assert model.threads[1] != loop_thread and model.threads[2] != loop_thread
+    assert torch.equal(lone[0], 2 * requests_of([1])[0] + 1) and torch.equal(pair[0], 2 * requests_of([2])[0] + 1)
+    assert all(torch.equal(r[0], 2 * x + 1) for r, x in zip(crowd, requests_of([1, 1, 1]), strict=True))
+    _, model, _ = run(go, max_images=64, max_wait=0.05)            # inline_seconds 0: never on the loop
+    assert loop_thread not in model.threads
+
+
+def test_a_slow_model_stops_running_on_the_event_loop() -> None:
+    async def go(batcher: Batcher):
+        for x in requests_of([1, 1, 1]):
+            await batcher.submit(x)
+
+    _, model, _ = run(go, inline_seconds=0.01, model=CountingModel(delay=0.05))
+    loop_thread = threading.current_thread().name
+    assert model.threads[0] == loop_thread                   # no estimate yet: tried once
+    assert loop_thread not in model.threads[1:]              # 50 ms is over 10 ms: model threads
+
+
+def test_a_failing_lone_request_on_the_event_loop_fails_alone() -> None:
+    async def go(batcher: Batcher):
+        failed = await asyncio.gather(batcher.submit(torch.full((1, 3), float("nan"))), return_exceptions=True)
+        return failed[0], await batcher.submit(requests_of([1])[0])
+
+    (error, (doubled, _)), model, _ = run(go, inline_seconds=0.5)
+    assert isinstance(error, ValueError) and torch.equal(doubled, 2 * requests_of([1])[0] + 1)
 
 
 def test_batches_run_side_by_side_up_to_the_concurrency() -> None:
