@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,24 +48,43 @@ class ImageSpec:
 def image_from_bytes(data: bytes, spec: ImageSpec, label: str = "image") -> np.ndarray:
     """An encoded image (PNG, JPEG, ...) as (C, H, W) float32 in [0, 1]. EXIF rotation is applied,
     transparent pixels count as black, 16-bit images keep their range."""
+    return decode_image(open_image(data, spec, label), spec, label)
+
+
+def open_image(data: bytes, spec: ImageSpec, label: str = "image") -> Image.Image:
+    """The image file opened and its size checked against the pixel limit, from its header alone:
+    nothing is decoded yet, so this is cheap enough for the event loop."""
     if not data:
         raise BadInput(f"{label} is empty: expected the bytes of an image file")
+    with _unreadable_as_bad_input(label):
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > spec.max_pixels:
+            raise TooLarge(f"{label} is {width}x{height} = {width * height:,} pixels; "
+                           f"the limit is {spec.max_pixels:,}")
+        return image
+
+
+def decode_image(image: Image.Image, spec: ImageSpec, label: str = "image") -> np.ndarray:
+    """An image from `open_image`, decoded, turned upright and fitted to the model."""
+    with _unreadable_as_bad_input(label):
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)       # in place: no copy of an upright image
+    return _fit(_pixels(image, spec, label), spec, label)
+
+
+@contextlib.contextmanager
+def _unreadable_as_bad_input(label: str) -> Iterator[None]:
+    """Pillow's many ways of failing on a bad file, as one 422 that says which input it was."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size                  # read from the header, nothing decoded yet
-            if width * height > spec.max_pixels:
-                raise TooLarge(f"{label} is {width}x{height} = {width * height:,} pixels; "
-                               f"the limit is {spec.max_pixels:,}")
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            yield
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadInput(f"{label} is not an image this service can read ({type(error).__name__}); "
                        "send PNG, JPEG, BMP, TIFF, WebP or GIF") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadInput(f"{label} could not be decoded: {error} (truncated or corrupt file?)") from None
-    return _fit(_pixels(image, spec, label), spec, label)
 
 
 def _pixels(image: Image.Image, spec: ImageSpec, label: str) -> np.ndarray:
@@ -78,7 +99,8 @@ def _pixels(image: Image.Image, spec: ImageSpec, label: str) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    image = image.convert(spec.mode)
+    if image.mode != spec.mode:
+        image = image.convert(spec.mode)
     if image.size != (spec.width, spec.height):
         # resize the 8-bit image, exactly as training loads a folder of images
         _allow_resize(image.width, image.height, spec, label)

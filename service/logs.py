@@ -4,11 +4,12 @@ the object; a traceback, when there is one, goes in `exception` as one string.""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 _HANDLER_NAME = "vae-json"
 
@@ -26,7 +27,8 @@ class JSONFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # orjson: about a tenth of json.dumps's time, on a line written for every request
+        return orjson.dumps(entry, default=str).decode()
 
 
 def configure_logging(level: str) -> None:
