@@ -10,6 +10,7 @@ step leaves the old model serving; there is never a half-loaded model behind the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -60,6 +61,23 @@ def start_serving(app: Any, runtime: ModelRuntime) -> Inference:
     return previous
 
 
+def freeze_long_lived(unfreeze_first: bool = False) -> None:
+    """Hide every object alive now from the garbage collector. What start-up made (torch, the model,
+    FastAPI: some 200,000 objects) lives as long as the process, and a full collection walking it
+    paused the event loop for 100+ ms, which set the p99 under load; frozen, it takes microseconds.
+    Called again after a reload retires the old model: unfrozen first, so the old model's reference
+    cycles are freed (one full collection) instead of kept forever."""
+    if unfreeze_first:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+async def retire(previous: Inference) -> None:
+    await previous.retire()
+    freeze_long_lived(unfreeze_first=True)
+
+
 def allowed_artifact(requested: str | None, app: Any) -> Path:
     """The artifact a reload may load: by default the one served now (or the configured one);
     a name given over the network must lie inside the models directory, symlinks resolved."""
@@ -95,7 +113,7 @@ async def reload_model(app: Any, requested: str | None) -> dict[str, Any]:
             raise
         previous = start_serving(app, loaded.runtime)
         if previous is not None:
-            retiring = asyncio.get_running_loop().create_task(previous.retire(), name="retire-model")
+            retiring = asyncio.get_running_loop().create_task(retire(previous), name="retire-model")
             app.state.retiring.add(retiring)
             retiring.add_done_callback(app.state.retiring.discard)
         app.state.metrics.reloads.labels("ok").inc()
