@@ -13,6 +13,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from . import workers
 from .app import create_app
 from .logs import configure_logging
 from .settings import Settings
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="artifact to serve (VAE_MODEL_PATH; default: models/digits.pt)")
     parser.add_argument("--host", help="interface (VAE_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (VAE_PORT; default 8000)")
-    parser.add_argument("--workers", type=int, help="processes (VAE_WORKERS; default 1)")
+    parser.add_argument("--workers", type=int, help="processes (VAE_WORKERS; default: one per CPU)")
     parser.add_argument("--log-level", help="VAE_LOG_LEVEL (default info)")
     return parser
 
@@ -37,13 +38,21 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[f"VAE_{field.upper()}"] = str(value)      # worker processes read settings from here
     settings = Settings()
     configure_logging(settings.log_level)
+    count = settings.resolved_workers()
+    os.environ["VAE_WORKERS"] = str(count)            # the workers agree on it (model concurrency)
+    shared_state = workers.prepare(count)
     # uvicorn drains on SIGTERM (stops accepting, finishes open requests, runs the lifespan's
     # shutdown), then raises the signal again to die by it; a drained stop is a clean exit
     signal.signal(signal.SIGTERM, exit_cleanly)
-    # log_config=None: uvicorn's loggers propagate to the JSON handler instead of their own format
-    uvicorn.run("service.__main__:served_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=False, log_config=None,
-                timeout_graceful_shutdown=30)
+    # log_config=None: uvicorn's loggers propagate to the JSON handler instead of their own format;
+    # a new worker imports torch and warms its model up before it is ready, which took more than
+    # uvicorn's default 5 s on a busy machine (a reload's rolling restart would give up)
+    try:
+        uvicorn.run("service.__main__:served_app", factory=True, host=settings.host, port=settings.port,
+                    workers=count, log_level=settings.log_level, access_log=False, log_config=None,
+                    timeout_graceful_shutdown=30, timeout_worker_healthcheck=60)
+    finally:
+        workers.clean_up(shared_state)
     return 0
 
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
+from . import workers
 from .auth import APIKeyMiddleware, KeyRing
 from .errors import ArtifactError, ServiceError
 from .fast_lane import AnomalyScoreLane
@@ -39,15 +40,21 @@ Every error is JSON with a readable `detail`."""
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     app.state.reload_lock = asyncio.Lock()
+    path = workers.artifact_to_serve(settings.model_path)
     try:
-        loaded = await asyncio.to_thread(load_and_warm_up, settings.model_path, settings)
+        loaded = await asyncio.to_thread(load_and_warm_up, path, settings)
     except ArtifactError as error:
+        if workers.has_served():
+            # a new worker of a rolling restart: failing its start-up keeps the old worker serving
+            log.error("cannot serve a model, so this new worker stops and the running ones stay: %s", error)
+            raise
         # one clear line, no traceback; the process stays up so /readyz can say why it is not ready
         log.error("cannot serve a model: %s", error)
         app.state.load_error = str(error)
     else:
         start_serving(app, loaded.runtime)
-        log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, settings.model_path,
+        workers.mark_served()
+        log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, path,
                  loaded.runtime.sha256[:12], loaded.warm_up_seconds)
     freeze_long_lived()
     hangup = install_reload_on_sighup(app)
@@ -61,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*app.state.retiring, return_exceptions=True)
         if app.state.inference is not None:
             await app.state.inference.stop()
+        workers.worker_exiting()
 
 
 def install_reload_on_sighup(app: FastAPI) -> bool:

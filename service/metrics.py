@@ -2,16 +2,22 @@
 
 They explain latency, seam by seam: time in the queue, batch sizes, model time, and the time spent
 decoding inputs and encoding outputs, beside request counts and latency by endpoint and status.
+With several worker processes (service/workers.py) the values live in prometheus-client's shared
+directory and /metrics adds up every process; the gauges say how (in flight: the sum; ready: the
+minimum over the live workers).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from .batching import BatchStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MODEL_LABELS = ("name", "sha256", "score_kind", "format_version")
 
 
 class Metrics:
@@ -34,10 +40,21 @@ class Metrics:
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("vae_overload_rejections", "requests refused with 503 because the server was full",
                                 registry=r)
-        self.in_flight = Gauge("vae_http_requests_in_flight", "HTTP requests being handled now", registry=r)
+        self.in_flight = Gauge("vae_http_requests_in_flight", "HTTP requests being handled now", registry=r,
+                               multiprocess_mode="livesum")
         self.reloads = Counter("vae_model_reloads", "model reloads by outcome", ["outcome"], registry=r)
-        self.ready = Gauge("vae_model_ready", "1 when a model is loaded and answering", registry=r)
-        self.model = Info("vae_model", "the artifact being served", registry=r)
+        self.ready = Gauge("vae_model_ready", "1 when a model is loaded and answering", registry=r,
+                           multiprocess_mode="livemin")
+        # a gauge at 1 rather than an Info, which prometheus-client cannot share between processes
+        self.model = Gauge("vae_model_info", "the artifact being served", MODEL_LABELS, registry=r,
+                           multiprocess_mode="livemax")
+
+    def serving(self, **labels: str) -> None:
+        """Name the artifact served now. The previous one's labels are dropped; with several workers
+        a reload replaces the process, whose gauges leave with it (clearing is not shared)."""
+        if not shared():
+            self.model.clear()
+        self.model.labels(*(labels[name] for name in MODEL_LABELS)).set(1)
 
     def observe_batch(self, operation: str, stats: BatchStats) -> None:
         self.batch_images.labels(operation).observe(stats.images)
@@ -47,4 +64,13 @@ class Metrics:
         self.images.labels(operation).inc(stats.images)
 
     def render(self) -> bytes:
+        if shared():
+            every_process = CollectorRegistry()
+            multiprocess.MultiProcessCollector(every_process)
+            return generate_latest(every_process)
         return generate_latest(self.registry)
+
+
+def shared() -> bool:
+    """Whether metric values live in prometheus-client's directory shared by the workers."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

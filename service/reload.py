@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from . import workers
 from .errors import ArtifactError
 from .inference import Inference
 from .runtime import ModelRuntime
@@ -51,8 +52,8 @@ def start_serving(app: Any, runtime: ModelRuntime) -> Inference:
     inference.start()
     previous, app.state.inference = app.state.inference, inference       # the swap: one assignment
     app.state.load_error = None
-    metrics.model.info({"name": runtime.name, "sha256": runtime.sha256, "score_kind": runtime.score_kind,
-                        "format_version": str(runtime.metadata["format_version"])})
+    metrics.serving(name=runtime.name, sha256=runtime.sha256, score_kind=runtime.score_kind,
+                    format_version=str(runtime.metadata["format_version"]))
     metrics.ready.set(1)
     if settings.default_fpr < runtime.min_fpr:
         log.warning("VAE_DEFAULT_FPR=%g is below what %d calibration scores support (%.3g): /anomaly-score "
@@ -111,6 +112,8 @@ async def reload_model(app: Any, requested: str | None) -> dict[str, Any]:
         except ArtifactError:
             app.state.metrics.reloads.labels("failed").inc()
             raise
+        if workers.several():
+            return roll_out(app, loaded.runtime, started)
         previous = start_serving(app, loaded.runtime)
         if previous is not None:
             retiring = asyncio.get_running_loop().create_task(retire(previous), name="retire-model")
@@ -123,3 +126,16 @@ async def reload_model(app: Any, requested: str | None) -> dict[str, Any]:
         return {"status": "reloaded", "model": runtime.name, "artifact": runtime.path.name, "sha256": runtime.sha256,
                 "previous_sha256": previous.runtime.sha256 if previous is not None else None,
                 "seconds": round(time.perf_counter() - started, 3)}
+
+
+def roll_out(app: Any, runtime: ModelRuntime, started: float) -> dict[str, Any]:
+    """With several workers: the artifact has loaded and warmed up here, so every worker is replaced
+    by one serving it, one at a time (service/workers.py); this one keeps serving until its turn."""
+    workers.roll_out(runtime.path)
+    app.state.metrics.reloads.labels("ok").inc()
+    current = app.state.inference
+    log.info("reload: %s (sha256 %s…) verified; replacing the workers one by one", runtime.path.name,
+             runtime.sha256[:12])
+    return {"status": "rolling out", "model": runtime.name, "artifact": runtime.path.name, "sha256": runtime.sha256,
+            "previous_sha256": current.runtime.sha256 if current is not None else None,
+            "seconds": round(time.perf_counter() - started, 3)}

@@ -61,12 +61,14 @@ class Settings(BaseSettings):
     # ---- server -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the model")
+    workers: int = Field(0, ge=0, description="server processes, each with its own copy of the model (0: "
+                                              "available CPUs / torch threads, a container's CPU limit "
+                                              "included)")
     torch_threads: int = Field(1, ge=1, description="torch threads inside one model call (small images gain "
                                                    "nothing from more)")
     model_concurrency: int = Field(0, ge=0, description="batches the model runs at once, each on its own thread "
-                                                       "(0: available CPUs / (workers x torch threads), a "
-                                                       "container's CPU limit included)")
+                                                       "(0: available CPUs / (workers x torch threads), at "
+                                                       "least 1)")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$",
                            description="critical, error, warning, info (one JSON access line per request) or debug")
 
@@ -139,4 +141,9 @@ class Settings(BaseSettings):
         """workers x concurrency x torch threads <= available CPUs by default: busy, never oversubscribed."""
         if self.model_concurrency:
             return self.model_concurrency
-        return max(1, available_cpus() // (self.workers * self.torch_threads))
+        return max(1, available_cpus() // (self.resolved_workers() * self.torch_threads))
+
+    def resolved_workers(self) -> int:
+        """One process per torch thread's worth of CPU by default: a Python process saturates one
+        core on its event loop well before its model does (benchmarks/serving)."""
+        return self.workers or max(1, available_cpus() // self.torch_threads)

@@ -47,7 +47,10 @@ def server(digits_artifact: Path, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     log = tmp_path / "server.log"
     # a queue wait and deadline this long so that the busy test machine never turns a request away
-    env = {**os.environ, "VAE_MAX_QUEUE_WAIT_S": "60", "VAE_MODEL_TIMEOUT_S": "120", "VAE_LOG_LEVEL": "info"}
+    # one process: SIGHUP then reloads in place and the soak's RSS is the serving process's
+    # (several workers: tests/service/test_workers.py)
+    env = {**os.environ, "VAE_MAX_QUEUE_WAIT_S": "60", "VAE_MODEL_TIMEOUT_S": "120", "VAE_LOG_LEVEL": "info",
+           "VAE_WORKERS": "1"}
     with open(log, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "service", "--model", str(digits_artifact), "--port",
                                     str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)

@@ -38,9 +38,13 @@ def test_available_cpus_respects_a_cgroup_quota(tmp_path: Path, monkeypatch: pyt
     assert available_cpus(tmp_path / "absent") == 2
 
 
-def test_model_concurrency_splits_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_and_model_concurrency_split_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 8)
-    assert Settings().resolved_model_concurrency() == 8                   # 1 worker x 1 torch thread
+    assert Settings().resolved_workers() == 8                             # one per CPU, 1 torch thread each
+    assert Settings().resolved_model_concurrency() == 1
+    assert Settings(torch_threads=2).resolved_workers() == 4
+    assert Settings(torch_threads=16).resolved_workers() == 1
+    assert Settings(workers=1).resolved_model_concurrency() == 8
     assert Settings(workers=3).resolved_model_concurrency() == 2
     assert Settings(workers=2, torch_threads=2).resolved_model_concurrency() == 2
     assert Settings(workers=16).resolved_model_concurrency() == 1

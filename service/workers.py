@@ -1,0 +1,89 @@
+"""Several server processes behind one port, as one service: shared metrics, and reloads that
+reach every worker.
+
+`python -m service` with more than one worker makes a private directory before uvicorn spawns
+them and names it in the environment they inherit. In it prometheus-client keeps each process's
+metric values, so /metrics, whichever worker answers, counts the whole server; and a reload asked
+of any worker leaves there the artifact to serve, then asks uvicorn's supervisor (the parent
+process) for a rolling restart with SIGHUP: each new worker loads that artifact and is ready before
+its old one is stopped, so the port never goes unserved.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from prometheus_client import multiprocess
+
+STATE_DIR = "VAE_WORKERS_STATE_DIR"          # set by the parent for its workers; no user setting
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus-client's own variable
+_ARTIFACT = "artifact"                       # the file naming the artifact to serve
+_SERVED = "served"                           # exists once a worker has served: later failures abort restarts
+
+
+def prepare(workers: int) -> Path | None:
+    """In the parent, before the workers start: the shared directory, or None for one process."""
+    if workers <= 1:
+        return None
+    state = Path(tempfile.mkdtemp(prefix="vae-service-"))
+    (state / "metrics").mkdir()
+    os.environ[STATE_DIR] = str(state)
+    os.environ.setdefault(METRICS_DIR, str(state / "metrics"))
+    return state
+
+
+def clean_up(state: Path | None) -> None:
+    if state is not None:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _state() -> Path | None:
+    value = os.environ.get(STATE_DIR)
+    return Path(value) if value else None
+
+
+def several() -> bool:
+    """True in a worker of a multi-process server."""
+    return _state() is not None
+
+
+def artifact_to_serve(configured: Path) -> Path:
+    """The artifact the last reload chose, else the configured one."""
+    state = _state()
+    chosen = state / _ARTIFACT if state else None
+    return Path(chosen.read_text()) if chosen is not None and chosen.exists() else configured
+
+
+def has_served() -> bool:
+    """Whether a worker of this server has served a model: then a worker that cannot load one is a
+    failed restart (the old worker should stay), not a first start (which waits, not ready)."""
+    state = _state()
+    return state is not None and (state / _SERVED).exists()
+
+
+def mark_served() -> None:
+    state = _state()
+    if state is not None:
+        (state / _SERVED).touch()
+
+
+def roll_out(artifact: Path) -> None:
+    """Serve `artifact` from now on, in every worker: record it, then ask the supervisor to replace
+    the workers one by one (the file is swapped in atomically, so no worker reads half a path)."""
+    state = _state()
+    if state is None:
+        raise RuntimeError("roll_out is for workers of a multi-process server")
+    pending = state / f"{_ARTIFACT}.{os.getpid()}"
+    pending.write_text(str(artifact))
+    pending.replace(state / _ARTIFACT)
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+def worker_exiting() -> None:
+    """Drop this process's live gauges (in flight, ready, model) from the shared metrics."""
+    if os.environ.get(METRICS_DIR) and several():
+        multiprocess.mark_process_dead(os.getpid())

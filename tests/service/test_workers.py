@@ -1,0 +1,110 @@
+"""Several worker processes behind one port, as `python -m service` runs them by default on a
+multi-core machine: /metrics counts the whole server whichever worker answers, a reload asked of
+one worker reaches all of them without a failed request, a restart onto a broken artifact keeps
+the old workers, and SIGTERM stops everything cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import png_bytes
+from tests.service.test_lifecycle import ROOT, Server, free_port, ready, wait_until
+from tests.service.test_reload import models_dir  # noqa: F401  (the fixture)
+
+WORKERS = 2
+
+
+@pytest.fixture()
+def workers_server(models_dir: Path, tmp_path: Path) -> Iterator[Server]:  # noqa: F811
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "VAE_WORKERS": str(WORKERS), "VAE_ADMIN_WITHOUT_KEYS": "true", "VAE_LOG_LEVEL": "info",
+           "VAE_MODELS_DIR": str(models_dir)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "service", "--model", str(models_dir / "digits.pt"),
+                                    "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_until(lambda: ready(server.url) and started_workers(server) >= WORKERS, 120, "the workers did not start")
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def started_workers(server: Server) -> int:
+    return sum("Started server process" in line.get("message", "") for line in server.lines())
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def served_sha(url: str) -> str:
+    return httpx.get(f"{url}/model", timeout=10).json()["checksum"]["sha256"]
+
+
+def test_metrics_count_every_worker(workers_server: Server, digit_images) -> None:  # noqa: ANN001
+    body = png_bytes(digit_images[0])
+    with httpx.Client(base_url=workers_server.url, timeout=30) as http:
+        for _ in range(40):      # new connections: the kernel spreads them over the workers
+            assert httpx.post(f"{workers_server.url}/anomaly-score", content=body,
+                              headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
+        scrapes = [http.get("/metrics").text for _ in range(6)]
+    counted = {metric(text, 'vae_http_requests_total{endpoint="/anomaly-score"') for text in scrapes}
+    assert counted == {40.0}
+    assert {metric(text, "vae_model_ready ") for text in scrapes} == {1.0}
+    assert all(text.count("vae_model_info{") == 1 for text in scrapes)
+
+
+def test_a_reload_reaches_every_worker_without_a_failed_request(workers_server: Server, models_dir: Path,  # noqa: F811
+                                                                digit_images) -> None:  # noqa: ANN001
+    url, body = workers_server.url, png_bytes(digit_images[1])
+    old_sha = served_sha(url)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            statuses.append(httpx.post(f"{url}/anomaly-score", content=body, headers={"Content-Type": "image/png"},
+                                       timeout=30).status_code)
+
+    clients = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        answer = httpx.post(f"{url}/admin/reload", json={"path": "other.pt"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "rolling out" and answer.json()["artifact"] == "other.pt"
+        wait_until(lambda: all(served_sha(url) != old_sha for _ in range(10)), 90, "not every worker reloaded")
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+    assert len(statuses) > 20 and set(statuses) == {200}
+    assert started_workers(workers_server) >= 2 * WORKERS                   # each worker was replaced
+
+    # the artifact breaks on disk; a restart onto it (SIGHUP to the supervisor) keeps the old workers
+    (models_dir / "other.pt").rename(models_dir / "other.pt.good")
+    try:
+        (models_dir / "other.pt").write_bytes(b"not a model")
+        workers_server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("keeping worker" in line.get("message", "") for line in workers_server.lines()),
+                   60, "the supervisor did not abort the restart")
+        assert ready(url) and served_sha(url) != old_sha
+    finally:
+        (models_dir / "other.pt.good").replace(models_dir / "other.pt")
+
+    workers_server.process.send_signal(signal.SIGTERM)
+    assert workers_server.process.wait(60) == 0
