@@ -52,6 +52,7 @@ class BatchStats:
 @dataclass
 class _Item:
     inputs: Tensor                      # (k, ...) for one request
+    images: int                         # k, counted once (len() of a tensor is not free)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -111,9 +112,9 @@ class Batcher:
     # ---- the request side -----------------------------------------------------------------------
     async def submit(self, inputs: Tensor) -> tuple[Tensor, ...]:
         """Queue one request's inputs (k, ...) and await its outputs, each (k, ...)."""
-        self._admit(len(inputs))
-        item = _Item(inputs, asyncio.get_running_loop().create_future())
-        self._queued_images += len(inputs)
+        item = _Item(inputs, len(inputs), asyncio.get_running_loop().create_future())
+        self._admit(item.images)
+        self._queued_images += item.images
         self._queue.put_nowait(item)
         return await item.future
 
@@ -146,17 +147,17 @@ class Batcher:
     async def _collect(self) -> list[_Item]:
         """Block for the first request, then take more until the batch is full or the wait is over."""
         first = await self._next(None)
-        batch, images = [first], len(first.inputs)
+        batch, images = [first], first.images
         deadline = time.perf_counter() + self.max_wait
         while images < self.max_images:
             item = await self._next(deadline - time.perf_counter())
             if item is None:
                 break
-            if images + len(item.inputs) > self.max_images:
+            if images + item.images > self.max_images:
                 self._carry = item                   # starts the next batch
                 break
             batch.append(item)
-            images += len(item.inputs)
+            images += item.images
         return batch
 
     async def _loop(self) -> None:
@@ -164,7 +165,7 @@ class Batcher:
             await self._slots.acquire()            # a free model slot first: batches grow while none is
             batch = await self._collect()
             gone = [item for item in batch if item.future.done()]       # clients that gave up
-            self._queued_images -= sum(len(item.inputs) for item in gone)
+            self._queued_images -= sum(item.images for item in gone)
             batch = [item for item in batch if not item.future.done()]
             if not batch:
                 self._slots.release()
@@ -198,19 +199,19 @@ class Batcher:
                 for item in batch:
                     await self._execute([item])
                 return
-            self._queued_images -= len(batch[0].inputs)
+            self._queued_images -= batch[0].images
             if not batch[0].future.done():
                 batch[0].future.set_exception(error)
             return
         model_seconds = time.perf_counter() - started
-        images = sum(len(i.inputs) for i in batch)
+        images = sum(i.images for i in batch)
         self._queued_images -= images
         self._update_speed(model_seconds / images)
         if images == 1:
             self._lone_image_seconds = moving_average(self._lone_image_seconds, model_seconds)
         start = 0
         for item in batch:
-            end = start + len(item.inputs)
+            end = start + item.images
             if not item.future.done():
                 item.future.set_result(tuple(out[start:end] for out in outputs))
             start = end
@@ -225,7 +226,7 @@ class Batcher:
 
     def _runs_inline(self, batch: list[_Item]) -> bool:
         """One request of one image, no other batch running, nobody queued, and a short model call."""
-        return (self.inline_seconds > 0 and len(batch) == 1 and len(batch[0].inputs) == 1 and len(self._running) <= 1
+        return (self.inline_seconds > 0 and len(batch) == 1 and batch[0].images == 1 and len(self._running) <= 1
                 and self._carry is None and self._queue.empty()
                 and self._lone_image_seconds <= self.inline_seconds)
 

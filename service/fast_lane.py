@@ -88,7 +88,7 @@ class AnomalyScoreLane:
             pixels = codecs.decode_image(image, spec, "the body")
         else:
             pixels = await run_in_threadpool(codecs.decode_image, image, spec, "the body")
-        self.metrics.codec_seconds.labels("decode").observe(time.perf_counter() - started)
+        self.metrics.decode_seconds.observe(time.perf_counter() - started)
         return pixels[None]                                            # (1, C, H, W)
 
 

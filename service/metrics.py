@@ -10,6 +10,8 @@ minimum over the live workers).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -18,6 +20,7 @@ from .batching import BatchStats
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MODEL_LABELS = ("name", "sha256", "score_kind", "format_version")
+MAX_CACHED_CHILDREN = 1024
 
 
 class Metrics:
@@ -56,12 +59,34 @@ class Metrics:
             self.model.clear()
         self.model.labels(*(labels[name] for name in MODEL_LABELS)).set(1)
 
+        # labelled children looked up once: `labels()` costs more than the observation itself
+        self.decode_seconds = self.codec_seconds.labels("decode")
+        self.encode_seconds = self.codec_seconds.labels("encode")
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+
+    def _cached(self, key: tuple[str, ...], make: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+        children = self._children.get(key)
+        if children is None:
+            children = make()
+            if len(self._children) < MAX_CACHED_CHILDREN:      # label values from clients (methods) are open-ended
+                self._children[key] = children
+        return children
+
+    def request_done(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        count, latency = self._cached(("request", endpoint, method, str(status)), lambda: (
+            self.requests.labels(endpoint, method, str(status)), self.latency.labels(endpoint)))
+        count.inc()
+        latency.observe(seconds)
+
     def observe_batch(self, operation: str, stats: BatchStats) -> None:
-        self.batch_images.labels(operation).observe(stats.images)
-        self.model_seconds.labels(operation).observe(stats.model_seconds)
+        batch_images, model_seconds, queue_seconds, images = self._cached(("batch", operation), lambda: (
+            self.batch_images.labels(operation), self.model_seconds.labels(operation),
+            self.queue_seconds.labels(operation), self.images.labels(operation)))
+        batch_images.observe(stats.images)
+        model_seconds.observe(stats.model_seconds)
         for waited in stats.queue_seconds:
-            self.queue_seconds.labels(operation).observe(waited)
-        self.images.labels(operation).inc(stats.images)
+            queue_seconds.observe(waited)
+        images.inc(stats.images)
 
     def render(self) -> bytes:
         if shared():

@@ -110,8 +110,7 @@ class RequestMetricsMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         try:                                # a metric or a log line never fails a request
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(seconds)
+            self.metrics.request_done(endpoint, scope["method"], status, seconds)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"],

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.settings import Settings
+
 from . import envs
 from .servers import Server, free_port
 
@@ -181,7 +183,10 @@ def build(setup: Setup, install_log: Path) -> list[Contender]:
     """Every server contender, the peers prepared (venvs installed, archive built) or marked skipped."""
     project = _project_versions()
     vae_settings = " ".join(f"{k}={v}" for k, v in sorted(setup.vae_env.items()))
-    vae_settings = f"{vae_settings}, defaults otherwise" if vae_settings else "default settings (1 worker)"
+    workers = Settings(_env_file=None, **{k.removeprefix("VAE_").lower(): v for k, v in setup.vae_env.items()})
+    workers_note = f"{workers.resolved_workers()} worker(s) x {workers.resolved_model_concurrency()} model thread(s)"
+    vae_settings = (f"{vae_settings}, defaults otherwise ({workers_note})" if vae_settings
+                    else f"default settings ({workers_note}: one worker per CPU)")
     stack = (f"uvicorn {project['uvicorn']} (loop/http auto: uvloop {project['uvloop']}, "
              f"httptools {project['httptools']})")
     ours = Contender("ours", "ours", SCORE_PATH, "one", f"`python -m service`, {vae_settings}; {stack}",

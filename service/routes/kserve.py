@@ -229,7 +229,7 @@ async def infer(request: Request, model_name: str, settings: SettingsDep, metric
     started = time.perf_counter()
     parsed = await run_in_threadpool(parse_infer_request, body, runtime.input_shape,
                                      settings.max_images_per_request, settings.default_fpr)
-    metrics.codec_seconds.labels("decode").observe(time.perf_counter() - started)
+    metrics.decode_seconds.observe(time.perf_counter() - started)
     # only is_anomaly needs the threshold: checked before the model runs, as the rest of the API does
     threshold = anomaly_threshold(runtime, parsed.fpr) if "is_anomaly" in parsed.outputs else None
     values = await compute_outputs(inference, parsed.images, parsed.outputs, threshold)
