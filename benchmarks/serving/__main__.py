@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             shift = (round_index * len(args.levels) + level_index) % max(len(active), 1)
             for contender in active[shift:] + active[:shift]:
                 run_session(contender, setup, bodies, wrk, connections, args, results, round_index)
+    # again at the end, against the machine's mood at the start: the smallest counts (a floor)
+    print("measuring the compute floor again", flush=True)
+    floors += [compute.measure(args.model, pngs, threads, when="end") for threads in (1, 2)]
     info = report.RunInfo(started=started, finished=time.time(), load_start=load_start, load_end=os.getloadavg()[0],
                           command=" ".join(["python -m benchmarks.serving", *(argv or sys.argv[1:])]),
                           wrk=wrk_version(wrk), model=args.model, duration=args.duration, warmup=args.warmup,
