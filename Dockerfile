@@ -53,8 +53,8 @@ CMD ["python", "-m", "training", "train", "--help"]
 # ---- runtime (the default target): the API ------------------------------------------------------
 FROM base AS runtime
 COPY --from=builder /opt/venv /opt/venv
-# VAE_TORCH_THREADS stays automatic (cores / workers); set it to the container's CPU limit when
-# there is one, since the automatic count sees the host's cores, not the limit
+# one worker with one torch thread: compose and Kubernetes give each replica one CPU and scale by
+# replicas; VAE_WORKERS=0 instead runs one worker per CPU of the container's limit
 ENV VAE_HOST=0.0.0.0 \
     VAE_PORT=8000 \
     VAE_WORKERS=1 \

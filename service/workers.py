@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
-STATE_DIR = "VAE_WORKERS_STATE_DIR"          # set by the parent for its workers; no user setting
+STATE_DIR = "_VAE_WORKERS_STATE_DIR"         # set by the parent for its workers; not a setting
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus-client's own variable
 _ARTIFACT = "artifact"                       # the file naming the artifact to serve
 _SERVED = "served"                           # exists once a worker has served: later failures abort restarts
