@@ -5,8 +5,10 @@ Options override the VAE_* environment variables they mirror (see service/settin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -64,7 +66,28 @@ def served_app() -> FastAPI:
     """The app as the server process builds it (each worker process calls this): JSON logs first."""
     settings = Settings()
     configure_logging(settings.log_level)
+    pause_before_closing_idle_connections()
     return create_app(settings)
+
+
+def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:
+    """uvicorn's shutdown stops accepting and, in the same instant, closes every connection with no
+    request under way, one accepted a moment ago whose request is still arriving included: that
+    client sees a dropped connection. A rolling restart's old worker did this to a test client. A
+    short pause between the two lets such requests arrive, and they are answered. (uvicorn builds
+    its Server inside each worker, before the app is loaded, so the method is wrapped here.)"""
+    original = uvicorn.Server.shutdown
+    if getattr(original, "pauses_first", False):
+        return
+
+    async def shutdown(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()                        # stop accepting; uvicorn's own close repeats it
+        await asyncio.sleep(pause_s)
+        await original(self, sockets)
+
+    shutdown.pauses_first = True                  # type: ignore[attr-defined]
+    uvicorn.Server.shutdown = shutdown            # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -72,13 +72,16 @@ def test_a_reload_reaches_every_worker_without_a_failed_request(workers_server: 
                                                                 digit_images) -> None:  # noqa: ANN001
     url, body = workers_server.url, png_bytes(digit_images[1])
     old_sha = served_sha(url)
-    statuses: list[int] = []
+    statuses: list[int | str] = []           # a status, or the transport error a client met
     stop = threading.Event()
 
     def keep_asking() -> None:
         while not stop.is_set():
-            statuses.append(httpx.post(f"{url}/anomaly-score", content=body, headers={"Content-Type": "image/png"},
-                                       timeout=30).status_code)
+            try:
+                statuses.append(httpx.post(f"{url}/anomaly-score", content=body,
+                                           headers={"Content-Type": "image/png"}, timeout=30).status_code)
+            except httpx.TransportError as error:
+                statuses.append(type(error).__name__)
 
     clients = [threading.Thread(target=keep_asking) for _ in range(3)]
     for client in clients:
