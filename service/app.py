@@ -132,10 +132,10 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
 
 FASTAPI_PARSE_ERROR = "There was an error parsing the body"
 
-# the response headers a browser script may read: the request id, overload advice, and the
-# verdicts that travel in headers beside a PNG body
+# the response headers a browser script may read: the request id, overload advice, and what
+# travels in headers beside a PNG or float32 body
 CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-Anomaly-Score", "X-P-Value", "X-Is-Anomaly",
-                        "X-Threshold", "X-Reconstruction-Errors"]
+                        "X-Threshold", "X-Reconstruction-Errors", "X-Shape", "X-Dtype"]
 
 
 def add_error_handlers(app: FastAPI) -> None:

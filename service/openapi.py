@@ -18,13 +18,16 @@ BODY_ERRORS = {"400": "the body could not be parsed", "413": "body, image count 
                "415": "a Content-Type this endpoint does not take", "422": "the content is not valid"}
 OVERLOADED = "no model loaded, shutting down, or overloaded (then with Retry-After)"
 UNDOCUMENTED = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+# answered as a PNG (Accept: image/png, one image) or raw float32 (Accept: application/octet-stream)
+BINARY_ANSWERS = {"/reconstruct", "/decode", "/sample", "/interpolate", "/anomaly-score"}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 def service_openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schema = add_security_to_openapi(schema, app.state.settings.public_metrics)
-        app.openapi_schema = document_errors(schema)
+        app.openapi_schema = document_binary_answers(document_errors(schema))
     return app.openapi_schema
 
 
@@ -47,4 +50,11 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
             for code, response in responses.items():
                 if code.startswith(("4", "5")):
                     response["content"] = {"application/json": {"schema": error_ref}}
+    return schema
+
+
+def document_binary_answers(schema: dict[str, Any]) -> dict[str, Any]:
+    for path in BINARY_ANSWERS & set(schema.get("paths", {})):
+        content = schema["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
+        content["image/png"], content["application/octet-stream"] = BINARY, BINARY
     return schema

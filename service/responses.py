@@ -1,4 +1,5 @@
-"""Images out, in the form the client asked for: nested lists, base64 PNGs, or one PNG body."""
+"""Images out, in the form the client asked for: nested lists, base64 PNGs, one PNG body, or raw
+float32 (`Accept: application/octet-stream`), so a client can skip JSON entirely."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from .errors import BadInput
 from .metrics import Metrics
 from .runtime import ModelRuntime
 from .schemas import FastJSONResponse, ImageFormat
+
+FLOAT32 = "application/octet-stream"
 
 
 def accept_quality(accept: str, media_type: str) -> float:
@@ -40,6 +43,29 @@ def wants_png_body(request: Request, count: int) -> bool:
     return count == 1 and png > 0 and png > accept_quality(accept, "application/json")
 
 
+def wants_float32_body(request: Request) -> bool:
+    """The client prefers raw float32 bytes to JSON (ties go to JSON: `*/*` means JSON)."""
+    accept = request.headers.get("accept", "")
+    raw = accept_quality(accept, FLOAT32)
+    return raw > 0 and raw > accept_quality(accept, "application/json")
+
+
+def float32_response(array: np.ndarray, headers: dict[str, str] | None = None) -> Response:
+    """The array as little-endian float32 in C order; X-Shape gives its shape (N,C,H,W for images)."""
+    body = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    shape = {"X-Shape": ",".join(str(size) for size in array.shape), "X-Dtype": "float32"}
+    return Response(body, media_type=FLOAT32, headers={**shape, **(headers or {})})
+
+
+def verdict_headers(verdicts: dict[str, Any]) -> dict[str, str]:
+    """The verdicts of /anomaly-score as headers beside a binary body, comma-separated per image."""
+    results = verdicts["results"]
+    return {"X-Anomaly-Score": ",".join(f"{r['score']:.6g}" for r in results),
+            "X-P-Value": ",".join(f"{r['p_value']:.6g}" for r in results),
+            "X-Is-Anomaly": ",".join(str(r["is_anomaly"]).lower() for r in results),
+            "X-Threshold": f"{verdicts['threshold']:.6g}"}
+
+
 async def encode_images(images: np.ndarray, fmt: ImageFormat, metrics: Metrics) -> Any:
     """(N, C, H, W) as the JSON `images` field: an array (serialised directly) or base64 PNGs."""
     if fmt == ImageFormat.json:
@@ -54,6 +80,8 @@ async def images_response(request: Request, images: np.ndarray, fmt: ImageFormat
                           **fields: Any) -> Response:
     if wants_png_body(request, len(images)):
         return Response(await run_in_threadpool(codecs.to_png, images[0]), media_type="image/png")
+    if wants_float32_body(request):
+        return float32_response(images)
     return FastJSONResponse({"images": await encode_images(images, fmt, metrics), **fields})
 
 

@@ -14,7 +14,14 @@ from .. import codecs
 from ..deps import FormatQuery, ImagesDep, InferenceDep, MetricsDep, SettingsDep
 from ..errors import BadInput
 from ..inputs import IMAGES_REQUEST_BODY
-from ..responses import anomaly_verdicts, images_response, wants_png_body
+from ..responses import (
+    anomaly_verdicts,
+    float32_response,
+    images_response,
+    verdict_headers,
+    wants_float32_body,
+    wants_png_body,
+)
 from ..schemas import (
     AnomalyResponse,
     EncodeResponse,
@@ -60,21 +67,22 @@ async def anomaly_score(
     format: Annotated[ImageFormat, Query(description="maps as nested lists (json) or as base64 PNG "
                                                      "heat maps over the input (png)")] = ImageFormat.json,
 ) -> Response:
-    """Anomaly score, conformal p-value and verdict per image, optionally with anomaly maps."""
+    """Anomaly score, conformal p-value and verdict per image, optionally with anomaly maps. With
+    map=true and `Accept: application/octet-stream` the body is the maps as float32 (N, H, W) and
+    the verdicts travel in headers; with `Accept: image/png` and one image, its heat map."""
     runtime = inference.runtime
     fpr = fpr or settings.default_fpr
     outputs = await inference.run("score_map" if map else "score", images)
     verdicts = anomaly_verdicts(runtime, outputs[0], fpr, metrics)
-    results, threshold = verdicts["results"], verdicts["threshold"]
+    results = verdicts["results"]
     if map:
         png_body = wants_png_body(request, len(images))
+        if not png_body and wants_float32_body(request):
+            return float32_response(outputs[1], verdict_headers(verdicts))
         if format == ImageFormat.png or png_body:
             maps = await run_in_threadpool(_heat_maps, outputs[1], images, runtime.map_scale)
             if png_body:
-                first = results[0]
-                return Response(maps[0], media_type="image/png", headers={
-                    "X-Anomaly-Score": f"{first['score']:.6g}", "X-P-Value": f"{first['p_value']:.6g}",
-                    "X-Is-Anomaly": str(first["is_anomaly"]).lower(), "X-Threshold": f"{threshold:.6g}"})
+                return Response(maps[0], media_type="image/png", headers=verdict_headers(verdicts))
             maps = [base64.b64encode(png).decode("ascii") for png in maps]
         else:
             maps = outputs[1]

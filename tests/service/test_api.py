@@ -179,7 +179,47 @@ def test_accept_negotiation(client: httpx.Client, digit_images: np.ndarray, acce
     assert response.headers["content-type"] == ("image/png" if png else "application/json")
 
 
+def from_float32(response: httpx.Response) -> np.ndarray:
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["x-dtype"] == "float32"
+    shape = tuple(int(size) for size in response.headers["x-shape"].split(","))
+    return np.frombuffer(response.content, dtype="<f4").reshape(shape)
+
+
+def test_float32_outputs_are_the_json_outputs_exactly(client: httpx.Client, digit_images: np.ndarray) -> None:
+    raw = {"accept": "application/octet-stream"}
+    calls = [("/reconstruct", {"json": as_json(digit_images[:3])}), ("/sample", {"json": {"n": 4, "seed": 7}}),
+             ("/decode", {"json": {"z": [[0.1, -0.2], [1.0, 0.5]]}}),
+             ("/interpolate?steps=5", {"json": as_json(digit_images[:2])})]
+    for path, body in calls:
+        as_lists = np.array(client.post(path, **body).json()["images"], dtype=np.float32)
+        as_bytes = from_float32(client.post(path, **body, headers=raw))
+        assert as_bytes.shape == (len(as_lists), 1, 8, 8), path            # N, C, H, W
+        np.testing.assert_array_equal(as_bytes[:, 0], as_lists, err_msg=path)
+    # JSON unless the client prefers the bytes; one image with image/png preferred stays a PNG
+    for accept in ("*/*", "application/*", "application/json, application/octet-stream;q=0.5"):
+        assert client.post("/sample", json={"n": 2}, headers={"accept": accept}).headers["content-type"] == \
+            "application/json", accept
+    one = client.post("/sample", json={"n": 1}, headers={"accept": "image/png, application/octet-stream"})
+    assert one.headers["content-type"] == "image/png"
+
+
 # ---- /anomaly-score ------------------------------------------------------------------------------
+
+def test_float32_maps_with_the_verdicts_in_headers(client: httpx.Client, digit_images: np.ndarray) -> None:
+    body = as_json(digit_images[:3])
+    answer = client.post("/anomaly-score?map=true", json=body).json()
+    raw = client.post("/anomaly-score?map=true", json=body, headers={"accept": "application/octet-stream"})
+    maps = from_float32(raw)
+    assert maps.shape == (3, 8, 8)
+    np.testing.assert_array_equal(maps, np.array([r["map"] for r in answer["results"]], dtype=np.float32))
+    assert [float(v) for v in raw.headers["x-anomaly-score"].split(",")] == \
+        pytest.approx([r["score"] for r in answer["results"]], rel=1e-5)
+    assert raw.headers["x-is-anomaly"].split(",") == [str(r["is_anomaly"]).lower() for r in answer["results"]]
+    assert float(raw.headers["x-threshold"]) == pytest.approx(answer["threshold"], rel=1e-5)
+    no_map = client.post("/anomaly-score", json=body, headers={"accept": "application/octet-stream"})
+    assert no_map.headers["content-type"] == "application/json"         # verdicts only: JSON is the form
+
 
 def test_scores_thresholds_and_p_values(client: httpx.Client, runtime: ModelRuntime,
                                         digit_images: np.ndarray) -> None:
