@@ -57,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, path,
                  loaded.runtime.sha256[:12], loaded.warm_up_seconds)
     freeze_long_lived()
+    watchdog = asyncio.get_running_loop().create_task(workers.exit_with_the_supervisor()) if workers.several() else None
     hangup = install_reload_on_sighup(app)
     try:
         yield
@@ -64,6 +65,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # uvicorn has stopped accepting and waited for open requests by now; drain what is left
         if hangup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if watchdog is not None:
+            watchdog.cancel()
         app.state.metrics.ready.set(0)
         await asyncio.gather(*app.state.retiring, return_exceptions=True)
         if app.state.inference is not None:

@@ -6,11 +6,13 @@ them and names it in the environment they inherit. In it prometheus-client keeps
 metric values, so /metrics, whichever worker answers, counts the whole server; and a reload asked
 of any worker leaves there the artifact to serve, then asks uvicorn's supervisor (the parent
 process) for a rolling restart with SIGHUP: each new worker loads that artifact and is ready before
-its old one is stopped, so the port never goes unserved.
+its old one is stopped, so the port never goes unserved. A worker whose supervisor is killed
+outright stops by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ from pathlib import Path
 from prometheus_client import multiprocess
 
 STATE_DIR = "_VAE_WORKERS_STATE_DIR"         # set by the parent for its workers; not a setting
+SUPERVISOR = "_VAE_WORKERS_SUPERVISOR_PID"   # the parent's pid, known before any worker starts
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus-client's own variable
 _ARTIFACT = "artifact"                       # the file naming the artifact to serve
 _SERVED = "served"                           # exists once a worker has served: later failures abort restarts
@@ -32,6 +35,7 @@ def prepare(workers: int) -> Path | None:
     state = Path(tempfile.mkdtemp(prefix="vae-service-"))
     (state / "metrics").mkdir()
     os.environ[STATE_DIR] = str(state)
+    os.environ[SUPERVISOR] = str(os.getpid())
     os.environ.setdefault(METRICS_DIR, str(state / "metrics"))
     return state
 
@@ -81,6 +85,16 @@ def roll_out(artifact: Path) -> None:
     pending.write_text(str(artifact))
     pending.replace(state / _ARTIFACT)
     os.kill(os.getppid(), signal.SIGHUP)
+
+
+async def exit_with_the_supervisor(poll_s: float = 1.0) -> None:
+    """Stop this worker (gracefully, as SIGTERM does) once the supervisor that started it is gone: a
+    supervisor killed outright (SIGKILL, the OOM killer) would otherwise leave workers holding the
+    port with nobody to stop them."""
+    supervisor = int(os.environ.get(SUPERVISOR) or os.getppid())
+    while os.getppid() == supervisor:
+        await asyncio.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_exiting() -> None:

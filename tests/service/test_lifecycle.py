@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,26 +43,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def running_server(args: list[str], env: dict[str, str], log: Path, started: Callable[[Server], bool],
+                   timeout: float = 90) -> Iterator[Server]:
+    """`python -m service ARGS --port P` in its own process, until it has started; stopped after."""
+    port = free_port()
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "service", *args, "--port", str(port)], cwd=ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_until(lambda: started(server), timeout, "the server did not start")
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()                      # SIGTERM: worker processes stop with it
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
 @pytest.fixture()
 def server(digits_artifact: Path, tmp_path: Path) -> Iterator[Server]:
-    port = free_port()
-    log = tmp_path / "server.log"
-    # a queue wait and deadline this long so that the busy test machine never turns a request away
+    # a queue wait and deadline this long so that the busy test machine never turns a request away;
     # one process: SIGHUP then reloads in place and the soak's RSS is the serving process's
     # (several workers: tests/service/test_workers.py)
     env = {**os.environ, "VAE_MAX_QUEUE_WAIT_S": "60", "VAE_MODEL_TIMEOUT_S": "120", "VAE_LOG_LEVEL": "info",
            "VAE_WORKERS": "1"}
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "service", "--model", str(digits_artifact), "--port",
-                                    str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_until(lambda: ready(server.url), 90, "the server did not become ready")
+    with running_server(["--model", str(digits_artifact)], env, tmp_path / "server.log",
+                        lambda server: ready(server.url)) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def ready(url: str) -> bool:

@@ -1,14 +1,13 @@
 """Several worker processes behind one port, as `python -m service` runs them by default on a
 multi-core machine: /metrics counts the whole server whichever worker answers, a reload asked of
 one worker reaches all of them without a failed request, a restart onto a broken artifact keeps
-the old workers, and SIGTERM stops everything cleanly."""
+the old workers, SIGTERM stops everything cleanly, and workers do not outlive a killed supervisor."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import png_bytes
-from tests.service.test_lifecycle import ROOT, Server, free_port, ready, wait_until
+from tests.service.test_lifecycle import Server, ready, running_server, wait_until
 from tests.service.test_reload import models_dir  # noqa: F401  (the fixture)
 
 WORKERS = 2
@@ -25,26 +24,25 @@ WORKERS = 2
 
 @pytest.fixture()
 def workers_server(models_dir: Path, tmp_path: Path) -> Iterator[Server]:  # noqa: F811
-    port = free_port()
-    log = tmp_path / "server.log"
     env = {**os.environ, "VAE_WORKERS": str(WORKERS), "VAE_ADMIN_WITHOUT_KEYS": "true", "VAE_LOG_LEVEL": "info",
            "VAE_MODELS_DIR": str(models_dir)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "service", "--model", str(models_dir / "digits.pt"),
-                                    "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_until(lambda: ready(server.url) and started_workers(server) >= WORKERS, 120, "the workers did not start")
+    with running_server(["--model", str(models_dir / "digits.pt")], env, tmp_path / "server.log",
+                        lambda server: ready(server.url) and len(worker_pids(server)) >= WORKERS, 120) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
-def started_workers(server: Server) -> int:
-    return sum("Started server process" in line.get("message", "") for line in server.lines())
+def worker_pids(server: Server) -> list[int]:
+    """Every worker process the server has started, from its log."""
+    return [int(re.search(r"\[(\d+)\]", line["message"]).group(1)) for line in server.lines()
+            if line.get("message", "").startswith("Started server process")]
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"     # a zombie has exited
+    except OSError:
+        return False
 
 
 def metric(text: str, name: str) -> float:
@@ -96,7 +94,7 @@ def test_a_reload_reaches_every_worker_without_a_failed_request(workers_server: 
         for client in clients:
             client.join(60)
     assert len(statuses) > 20 and set(statuses) == {200}
-    assert started_workers(workers_server) >= 2 * WORKERS                   # each worker was replaced
+    assert len(worker_pids(workers_server)) >= 2 * WORKERS                   # each worker was replaced
 
     # the artifact breaks on disk; a restart onto it (SIGHUP to the supervisor) keeps the old workers
     (models_dir / "other.pt").rename(models_dir / "other.pt.good")
@@ -111,3 +109,11 @@ def test_a_reload_reaches_every_worker_without_a_failed_request(workers_server: 
 
     workers_server.process.send_signal(signal.SIGTERM)
     assert workers_server.process.wait(60) == 0
+
+
+def test_workers_stop_when_their_supervisor_is_killed(workers_server: Server) -> None:
+    pids = worker_pids(workers_server)
+    assert all(running(pid) for pid in pids)
+    workers_server.process.kill()                    # SIGKILL: the supervisor cannot stop them itself
+    workers_server.process.wait(10)
+    wait_until(lambda: not any(running(pid) for pid in pids), 30, "workers outlived their supervisor")
