@@ -233,7 +233,7 @@ def breakdown(m: dict) -> str:
         return ""
     rest = http.mean - decode.mean - queue.mean - model.mean
     return (f"Mean request inside the app: {ms(http.mean)} ms = decode {ms(decode.mean)} + queue {ms(queue.mean)} + "
-            f"model (its batch) {ms(model.mean)} + the rest (routing, dependencies, p-values, JSON, middleware, "
+            f"model (its batch) {ms(model.mean)} + the rest (routing or the lean path, p-values, JSON, middleware, "
             f"waiting for the event loop) {ms(rest)} ms. Mean batch {size.mean:.1f} images; model time per image "
             f"{model.total / size.total * 1e6:.0f} µs; {model.count / max(http.count, 1):.2f} batches per request.")
 
