@@ -19,8 +19,10 @@ Images in (every `images` argument takes one of these):
   * a list or tuple, one item per image: a 2-D `H x W` or 3-D `C x H x W` array, encoded bytes, or a path;
   * the encoded bytes (PNG, JPEG, ...) of one image, or a path (str or os.PathLike) to one image file.
 Float arrays hold pixels in [0, 1]; uint8 arrays are divided by 255. A str is always a path.
-On the wire: when every image is a file (bytes or path), one multipart part named `files` each;
-otherwise JSON `{"images": [...]}`, arrays as nested lists (and any file among them as base64).
+On the wire: one file (bytes or path) is the raw body; when every image is a file, one multipart
+part named `files` each; otherwise JSON `{"images": [...]}`, arrays as nested lists (and any file
+among them as base64). Query parameters at the API's defaults are left out, so one file scored
+with the defaults takes the server's lean path.
 
 Images out are float32 arrays `N x C x H x W` in [0, 1], for any channel count.
 
@@ -283,16 +285,25 @@ def _split(images: ImagesInput) -> list[np.ndarray | _File]:
 
 
 def _image_body(items: list[np.ndarray | _File]) -> dict[str, Any]:
-    """httpx keyword arguments: multipart when every image is a file, JSON otherwise."""
+    """httpx keyword arguments: one file as the raw body, multipart when every image is a file,
+    JSON otherwise."""
+    if len(items) == 1 and isinstance(items[0], _File):
+        return {"content": items[0].data, "headers": {"Content-Type": "application/octet-stream"}}
     if items and all(isinstance(item, _File) for item in items):
         return {"files": [("files", (item.name, item.data, "application/octet-stream")) for item in items]}
     return {"json": {"images": [item.tolist() if isinstance(item, np.ndarray)
                                 else base64.b64encode(item.data).decode("ascii") for item in items]}}
 
 
+# the API's defaults, left out of the query: one raw image to /anomaly-score with no query string
+# takes the server's lean path
+API_DEFAULTS = {"resize": True, "map": False, "format": "json", "sample": False}
+
+
 def _query(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Query parameters without the unset ones (httpx would send `seed=` for None)."""
-    return {key: value for key, value in params.items() if value is not None}
+    """Query parameters without the unset ones (httpx would send `seed=` for None) or the defaults."""
+    return {key: value for key, value in params.items()
+            if value is not None and not (key in API_DEFAULTS and value == API_DEFAULTS[key])}
 
 
 def _sample_body(n: int, seed: int | None, temperature: float) -> dict[str, Any]:

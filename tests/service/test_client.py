@@ -22,6 +22,7 @@ from service.client import (
     VAEClient,
     VAEServiceError,
 )
+from service.fast_lane import AnomalyScoreLane
 
 from .conftest import png_bytes, serve
 
@@ -307,3 +308,21 @@ async def test_async_errors_map_like_sync(base_url: str) -> None:
         assert caught.value.status_code == 422 and "latent size" in caught.value.detail
         with pytest.raises(BadRequest, match="greater than 0"):
             await async_vae.sample(0)
+
+
+def test_one_file_scored_with_the_defaults_takes_the_servers_lean_path(vae: VAEClient, digit_images: np.ndarray,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    scored: list[bytes] = []
+    original = AnomalyScoreLane._score
+
+    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes) -> bytes:
+        scored.append(body)
+        return await original(self, scope, body)
+
+    monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
+    png = png_bytes(digit_images[0])
+    lean = vae.anomaly_score(png)
+    assert scored == [png]
+    full = vae.anomaly_score([png, png], fpr=0.2)           # two files, a query: the full app
+    assert len(scored) == 1 and len(full) == 2
+    assert lean.scores[0] == pytest.approx(full.scores[0], rel=1e-6)
