@@ -295,7 +295,7 @@ def _image_body(items: list[np.ndarray | _File]) -> dict[str, Any]:
                                 else base64.b64encode(item.data).decode("ascii") for item in items]}}
 
 
-# the API's defaults, left out of the query: one raw image to /anomaly-score with no query string
+# the API's defaults, left out of the query: one raw image to /anomaly-score with no query but fpr
 # takes the server's lean path
 API_DEFAULTS = {"resize": True, "map": False, "format": "json", "sample": False}
 

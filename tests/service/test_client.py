@@ -315,9 +315,9 @@ def test_one_file_scored_with_the_defaults_takes_the_servers_lean_path(vae: VAEC
     scored: list[bytes] = []
     original = AnomalyScoreLane._score
 
-    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes) -> bytes:
+    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes, fpr: float) -> bytes:
         scored.append(body)
-        return await original(self, scope, body)
+        return await original(self, scope, body, fpr)
 
     monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
     png = png_bytes(digit_images[0])

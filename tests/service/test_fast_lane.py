@@ -38,9 +38,9 @@ def lane_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     calls: list[bytes] = []
     original = AnomalyScoreLane._score
 
-    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes) -> bytes:
+    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes, fpr: float) -> bytes:
         calls.append(body)
-        return await original(self, scope, body)
+        return await original(self, scope, body, fpr)
 
     monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
     return calls
@@ -77,7 +77,11 @@ def test_answers_are_byte_for_byte_those_of_the_full_app(lean_and_full: tuple[ht
             assert fast.content == slow.content, name
             assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
             assert fast.headers["x-request-id"]
-    assert len(lane_calls) == 4 * 3            # every one of them took the lean path
+    digit = bodies(digit_images)["digit"]
+    for query in ("?fpr=0.2", "?fpr=5e-2", "?fpr=.5"):                    # a plain fpr: still the lean path
+        fast, slow = post_raw(lean, digit, query=query), post_raw(full, digit, query=query)
+        assert fast.status_code == slow.status_code == 200 and fast.content == slow.content, query
+    assert len(lane_calls) == 4 * 3 + 3            # every one of them took the lean path
 
 
 def test_errors_are_those_of_the_full_app(lean_and_full: tuple[httpx.Client, httpx.Client],
@@ -92,13 +96,19 @@ def test_errors_are_those_of_the_full_app(lean_and_full: tuple[httpx.Client, htt
         assert fast.json() == slow.json(), name
         assert fast.headers["content-type"] == "application/json"
     assert len(lane_calls) == len(bad)
+    # an fpr no calibration set can promise (the lane), or out of range (the app): the same 422s
+    for query in ("?fpr=5e-324", "?fpr=1", "?fpr=0", "?fpr=abc", "?fpr="):
+        body = large_png(8)
+        fast, slow = post_raw(lean, body, query=query), post_raw(full, body, query=query)
+        assert fast.status_code == slow.status_code == 422 and fast.json() == slow.json(), query
+    assert len(lane_calls) == len(bad) + 1
 
 
 def test_other_requests_go_to_the_app(lean_and_full: tuple[httpx.Client, httpx.Client], digit_images: np.ndarray,
                                       lane_calls: list[bytes]) -> None:
     lean, full = lean_and_full
     body = png_bytes(digit_images[3])
-    for query in ("?fpr=0.2", "?map=true", "?resize=false"):
+    for query in ("?fpr=0.2&map=true", "?map=true", "?resize=false", "?fpr=0.2&fpr=0.3"):
         fast, slow = post_raw(lean, body, query=query), post_raw(full, body, query=query)
         assert fast.status_code == slow.status_code == 200, query
         assert fast.content == slow.content, query
