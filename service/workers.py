@@ -78,20 +78,24 @@ def mark_served() -> None:
 def roll_out(artifact: Path) -> None:
     """Serve `artifact` from now on, in every worker: record it, then ask the supervisor to replace
     the workers one by one (the file is swapped in atomically, so no worker reads half a path)."""
-    state = _state()
-    if state is None:
-        raise RuntimeError("roll_out is for workers of a multi-process server")
+    state, supervisor = _state(), _supervisor()
+    if state is None or os.getppid() != supervisor:        # never signal whoever adopted an orphan
+        raise RuntimeError("roll_out is for workers of a running multi-process server")
     pending = state / f"{_ARTIFACT}.{os.getpid()}"
     pending.write_text(str(artifact))
     pending.replace(state / _ARTIFACT)
-    os.kill(os.getppid(), signal.SIGHUP)
+    os.kill(supervisor, signal.SIGHUP)
+
+
+def _supervisor() -> int:
+    return int(os.environ.get(SUPERVISOR) or os.getppid())
 
 
 async def exit_with_the_supervisor(poll_s: float = 1.0) -> None:
     """Stop this worker (gracefully, as SIGTERM does) once the supervisor that started it is gone: a
     supervisor killed outright (SIGKILL, the OOM killer) would otherwise leave workers holding the
     port with nobody to stop them."""
-    supervisor = int(os.environ.get(SUPERVISOR) or os.getppid())
+    supervisor = _supervisor()
     while os.getppid() == supervisor:
         await asyncio.sleep(poll_s)
     os.kill(os.getpid(), signal.SIGTERM)
