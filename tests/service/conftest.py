@@ -19,6 +19,7 @@ import uvicorn
 from PIL import Image
 
 from service.app import create_app
+from service.fast_lane import AnomalyScoreLane
 from service.settings import Settings
 
 
@@ -80,3 +81,17 @@ def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture()
+def lane_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bodies the lean /anomaly-score path scored (servers run in this process, on a thread)."""
+    calls: list[bytes] = []
+    original = AnomalyScoreLane._score
+
+    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes, fpr: float) -> bytes:
+        calls.append(body)
+        return await original(self, scope, body, fpr)
+
+    monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
+    return calls

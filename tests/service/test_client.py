@@ -22,7 +22,6 @@ from service.client import (
     VAEClient,
     VAEServiceError,
 )
-from service.fast_lane import AnomalyScoreLane
 
 from .conftest import png_bytes, serve
 
@@ -311,15 +310,8 @@ async def test_async_errors_map_like_sync(base_url: str) -> None:
 
 
 def test_one_file_scored_with_the_defaults_takes_the_servers_lean_path(vae: VAEClient, digit_images: np.ndarray,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    scored: list[bytes] = []
-    original = AnomalyScoreLane._score
-
-    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes, fpr: float) -> bytes:
-        scored.append(body)
-        return await original(self, scope, body, fpr)
-
-    monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
+                                                                       lane_calls: list[bytes]) -> None:
+    scored = lane_calls
     png = png_bytes(digit_images[0])
     lean = vae.anomaly_score(png)
     assert scored == [png]

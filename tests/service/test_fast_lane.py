@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from service import fast_lane
-from service.fast_lane import AnomalyScoreLane
 
 from .conftest import png_bytes, serve
 
@@ -30,20 +29,6 @@ def lean_and_full(digits_artifact: Path) -> Iterator[tuple[httpx.Client, httpx.C
     with serve(model_path=digits_artifact) as lean_url, serve(model_path=digits_artifact, fast_lane=False) as full_url:
         with httpx.Client(base_url=lean_url, timeout=30) as lean, httpx.Client(base_url=full_url, timeout=30) as full:
             yield lean, full
-
-
-@pytest.fixture()
-def lane_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The bodies the lean path scored (it runs in this process, on the server's thread)."""
-    calls: list[bytes] = []
-    original = AnomalyScoreLane._score
-
-    async def counting(self: AnomalyScoreLane, scope: dict, body: bytes, fpr: float) -> bytes:
-        calls.append(body)
-        return await original(self, scope, body, fpr)
-
-    monkeypatch.setattr(AnomalyScoreLane, "_score", counting)
-    return calls
 
 
 def post_raw(client: httpx.Client, body: bytes, content_type: str = "image/png", query: str = "",
