@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, Query, Request
@@ -28,9 +28,14 @@ def get_metrics(request: Request) -> Metrics:
 
 def current_inference(request: Request) -> Inference:
     """The model being served now (a reload may replace it at any time); 503 while there is none."""
-    inference = request.app.state.inference
+    return serving_inference(request.app)
+
+
+def serving_inference(app: Any) -> Inference:
+    """As current_inference, from the app itself (for code below the routes: the lean path)."""
+    inference = app.state.inference
     if inference is None:
-        raise NotReady(f"no model is loaded: {request.app.state.load_error or 'still starting'}")
+        raise NotReady(f"no model is loaded: {app.state.load_error or 'still starting'}")
     return inference
 
 

@@ -25,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import codecs
 from .codecs import ImageSpec
-from .errors import NotReady, ServiceError
+from .deps import serving_inference
+from .errors import ServiceError
 from .metrics import Metrics
 from .middleware import reject
 from .responses import anomaly_verdicts
@@ -85,9 +86,7 @@ class AnomalyScoreLane:
         await send({"type": "http.response.body", "body": answer})
 
     async def _score(self, scope: Scope, body: bytes, fpr: float) -> bytes:
-        inference = scope["app"].state.inference
-        if inference is None:
-            raise NotReady(f"no model is loaded: {scope['app'].state.load_error or 'still starting'}")
+        inference = serving_inference(scope["app"])
         inference.users += 1                 # held for the whole request, as the route's dependency does
         try:
             images = await self._decode(body, inference.runtime.input_shape)

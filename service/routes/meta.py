@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from ..deps import InferenceDep, MetricsDep, SettingsDep
+from ..deps import InferenceDep, MetricsDep, SettingsDep, current_inference
 from ..errors import NotReady
 from ..schemas import FastJSONResponse, Status
 
@@ -74,9 +74,7 @@ async def healthz() -> Status:
 @router.get("/readyz", response_model=Status, responses={503: {"description": "no model loaded or answering"}})
 async def readyz(request: Request) -> Status:
     """200 when a model is loaded and its batchers are running, else 503."""
-    inference = request.app.state.inference
-    if inference is None:
-        raise NotReady(f"no model is loaded: {request.app.state.load_error or 'still starting'}")
+    inference = current_inference(request)
     if not inference.alive():
         raise NotReady("the model loop has stopped")
     return Status(status="ready", model=inference.runtime.name)
