@@ -6,8 +6,9 @@ as its calibration, and optionally switch its default score kind.
 
 The weights are copied unchanged into a freshly scripted `ServableVAE` (so an artifact exported by
 an older version of this code gains the newer score kinds), the fixed score noise included, so the
-elbo and iwae scores stay what they were. Without --data the calibration images are the artifact's
-own calibration split, rebuilt from the training config it records.
+elbo and iwae scores stay what they were. An artifact exported before the `local` and `combined`
+kinds existed gets their statistics fitted on its own training split (rebuilt from its config).
+Without --data the calibration images are the artifact's own calibration split, rebuilt likewise.
 """
 
 from __future__ import annotations
@@ -20,21 +21,39 @@ import numpy as np
 import torch
 
 from .data import load_source
-from .export import artifact_splits, export_artifact, load_artifact
+from .export import artifact_splits, export_artifact, fit_local_statistics, load_artifact, local_settings
 from .model import VAEConfig, build_vae
-from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
+from .scoring import LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
+
+
+def architecture_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The `VAEConfig` fields an artifact's metadata records."""
+    architecture = {k: v for k, v in metadata["architecture"].items() if k != "parameters"}
+    return {**architecture, "hidden": tuple(architecture["hidden"]),
+            "conv_channels": tuple(architecture["conv_channels"])}
 
 
 def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], score_kind: str) -> ServableVAE:
     """An eager `ServableVAE` with the scripted module's weights and score noise."""
-    architecture = {k: v for k, v in metadata["architecture"].items() if k != "parameters"}
-    architecture.update(hidden=tuple(architecture["hidden"]), conv_channels=tuple(architecture["conv_channels"]))
-    vae = build_vae(VAEConfig(**architecture))
+    vae = build_vae(VAEConfig(**architecture_of(metadata)))
     peak = metadata["score"].get("peak", {})
     servable = ServableVAE(vae, score_kind, metadata["score"]["samples"],
                            peak_window=peak.get("window", PEAK_WINDOW), peak_share=peak.get("share", PEAK_SHARE))
-    servable.load_state_dict(module.state_dict())
+    servable.load_trained(module.state_dict())
     return servable.eval()
+
+
+def fit_or_explain(servable: ServableVAE, metadata: dict[str, Any], kind: str) -> None:
+    """Fit the local statistics of an artifact exported without them, on its own training split.
+    Without that split (its data gone) the artifact keeps the other kinds, unless `kind` needs them."""
+    try:
+        splits = artifact_splits(metadata)
+    except (OSError, ValueError) as error:
+        if kind in LOCAL_KINDS:
+            raise ValueError(f"--score {kind} needs the artifact's training data to fit its local statistics, "
+                             f"and it could not be loaded: {error}") from error
+        return
+    fit_local_statistics(servable, splits, metadata["training"]["config"].get("seed", 0))
 
 
 def calibration_images(metadata: dict[str, Any], data: str | None) -> tuple[np.ndarray, str]:
@@ -57,14 +76,17 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     if len(images) < 100:
         raise ValueError(f"{len(images)} calibration images are too few for a 1% threshold (need at least 100)")
     servable = rebuild_servable(module, metadata, kind)
+    if not servable.local_fitted:
+        fit_or_explain(servable, metadata, kind)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {
         "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]
     kept = {k: v for k, v in metadata.items() if k != "calibration"}
     # a new file is a new version for clients that cache thresholds by it; the training date stays
     kept.update(created=now, trained=metadata.get("trained", metadata["created"]))
-    kept["score"] = {**metadata["score"], "kinds": list(SCORE_KINDS),
-                     "peak": {"window": servable.peak_window, "share": servable.peak_share}}
+    kept["score"] = {**metadata["score"], "peak": {"window": servable.peak_window, "share": servable.peak_share}}
+    if servable.local_fitted:
+        kept["score"]["local"] = local_settings(VAEConfig(**architecture_of(metadata)))
     return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
 
 

@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .scoring import SCORE_KINDS
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -51,8 +53,8 @@ class TrainConfig:
     threads: int | None = _opt(None, "torch threads per process (auto: 1 mlp, whose tiny matrices only "
                                      "wait for a second core; all cores for conv)")
     # ---- scoring and output ---------------------------------------------------------------
-    score: str | None = _opt(None, "default anomaly score: recon, elbo, iwae, excess or peak (auto: excess "
-                                   "for the mlp's small images, peak for conv)")
+    score: str | None = _opt(None, "default anomaly score: recon, elbo, iwae, excess, peak, local or "
+                                   "combined (auto: excess for the mlp's small images, peak for conv)")
     score_samples: int = _opt(16, "fixed latent samples the elbo/iwae scores average over")
     checkpoint_every: int = _opt(1, "write a checkpoint every N epochs (0: never)")
     resume: bool = _opt(False, "continue from the checkpoint beside --out")
@@ -112,8 +114,7 @@ def validate(config: TrainConfig) -> None:
     """Refuse settings that cannot work, with the fix in the message."""
     checks = [
         (config.likelihood in ("bernoulli", "gaussian"), "--likelihood must be bernoulli or gaussian"),
-        (config.score in (None, "recon", "elbo", "iwae", "excess", "peak"),
-         "--score must be recon, elbo, iwae, excess or peak"),
+        (config.score in (None, *SCORE_KINDS), f"--score must be one of {', '.join(SCORE_KINDS)}"),
         (config.device in ("cpu", "cuda", "auto"), "--device must be cpu, cuda or auto"),
         (config.channels in (None, 1, 3), "--channels must be 1 or 3"),
         (config.image_size is None or config.image_size >= 4, "--image-size must be at least 4"),

@@ -23,7 +23,8 @@ import torch
 
 from .config import TrainConfig
 from .data import ImageSet, Splits, load_source, split_set
-from .scoring import PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
+from .local_density import windows_for
+from .scoring import LOCAL_TOP, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -56,6 +57,23 @@ def map_scale(module: torch.nn.Module, images: np.ndarray, quantile: float = 0.9
     return float(torch.quantile(torch.cat(maps)[:16_000_000].double(), quantile))
 
 
+LOCAL_FIT_IMAGES = 10_000     # training images the local statistics are fitted on, at most
+LOCAL_HELD_OUT_IMAGES = 2_000  # validation images that standardise the combined score, at most
+
+
+def fit_local_statistics(servable: ServableVAE, splits: Splits, seed: int = 0) -> None:
+    """Fit the `local` and `combined` scores: the local Gaussians on (a sample of) the training
+    split, the standardisation on the validation split, never the calibration split, whose scores
+    must stay unseen for the thresholds to hold."""
+    rng = np.random.default_rng(seed)
+    train = splits.train.images
+    normal = train[np.sort(rng.permutation(len(train))[:LOCAL_FIT_IMAGES])]
+    held_out = splits.val.images[:LOCAL_HELD_OUT_IMAGES]
+    if len(held_out) < 100:      # too few to place a 99th percentile: the training sample serves
+        held_out = normal[:LOCAL_HELD_OUT_IMAGES]
+    servable.fit_local(torch.as_tensor(normal), torch.as_tensor(held_out))
+
+
 def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: dict[str, Any],
                    metrics: dict[str, Any], history: list[dict[str, float]], command: str,
                    parameters: int) -> dict[str, Any]:
@@ -76,12 +94,20 @@ def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: 
         "likelihood": vae_config.likelihood,
         "architecture": {**asdict(vae_config), "parameters": parameters},
         "score": {"kind": config["score"], "kinds": list(SCORE_KINDS), "samples": config["score_samples"],
-                  "peak": {"window": PEAK_WINDOW, "share": PEAK_SHARE}, "higher_is_more_anomalous": True},
+                  "peak": {"window": PEAK_WINDOW, "share": PEAK_SHARE}, "local": local_settings(vae_config),
+                  "higher_is_more_anomalous": True},
         "data": data,
         "metrics": metrics,
         "history": history,
         "training": {"command": command, "config": config, "torch": torch.__version__},
     }
+
+
+def local_settings(vae_config: Any) -> dict[str, Any]:
+    """What the local score looks at, for a reader of the metadata."""
+    side = min(vae_config.height, vae_config.width)
+    return {"windows": [{"size": w, "stride": s} for w, s in windows_for(side)], "top": LOCAL_TOP,
+            "fitted_on": "the training split (at most 10,000 images); standardised on the validation split"}
 
 
 def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,
@@ -90,7 +116,8 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
     the service will), and write the artifact atomically with its sha256 beside it."""
     scripted = torch.jit.script(servable.eval())
     scores = score_images(scripted, calibration_images)
-    score = {**metadata["score"], "kind": servable.score_kind, "units": SCORE_UNITS[servable.score_kind]}
+    score = {**metadata["score"], "kind": servable.score_kind, "kinds": servable.available_kinds(),
+             "units": SCORE_UNITS[servable.score_kind]}
     metadata = {**metadata, "score": score, "calibration": {
         "split": "calibration",
         "count": len(scores),

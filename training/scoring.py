@@ -13,8 +13,14 @@ Scores (higher = more anomalous, nats per image):
            spirit of Serra et al., 2020): a plain image no longer scores as more normal;
 - `peak`:  the mean of the top `peak_share` of the anomaly map after a `peak_window` box average:
            a small defect counts in full instead of being diluted by the rest of the image, and the
-           box average keeps isolated noisy pixels of a clean image from setting the score.
-`recon`, `excess` and `peak` take one decoder pass; `elbo` and `iwae` take K + 1.
+           box average keeps isolated noisy pixels of a clean image from setting the score;
+- `local`: the mean of the `LOCAL_TOP` largest window distances of `training.local_density`, a
+           Gaussian over local statistics of the input, reconstruction and residual at two window
+           sizes: it rises for detail that is missing (blur, flattened material), not only added;
+- `combined`: peak + local, each first standardised on held-out normal images ((s - median) /
+           (99th percentile - median)), so each counts equally at its own 1% tail.
+`recon`, `excess`, `peak`, `local` and `combined` take one decoder pass; `elbo` and `iwae` take K + 1.
+`local` and `combined` need statistics fitted on normal images (`fit_local`); export fits them.
 The K latent samples use one fixed noise draw stored in the module (common random numbers), so a
 score is deterministic and does not depend on which other images share the batch.
 """
@@ -27,16 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .local_density import LocalDensity, windows_for
 from .model import VAE
 
-SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak")
+SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined")
 SCORE_UNITS = {"recon": "nats per image", "elbo": "nats per image", "iwae": "nats per image",
-               "excess": "nats per image", "peak": "nats per pixel"}
+               "excess": "nats per image", "peak": "nats per pixel",
+               "local": "squared Mahalanobis distance", "combined": "standardised units"}
+LOCAL_KINDS = ("local", "combined")   # need `fit_local` first
+LOCAL_TOP = 3            # windows averaged: one stray window of a clean image does not set the score
 PEAK_WINDOW = 5          # pixels; odd, so the box is centred
 PEAK_SHARE = 0.05        # of the pixels
 
 
 class ServableVAE(nn.Module):
+    __jit_unused_properties__ = ["local_fitted"]
+
     def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0,
                  peak_window: int = PEAK_WINDOW, peak_share: float = PEAK_SHARE) -> None:
         super().__init__()
@@ -49,6 +61,12 @@ class ServableVAE(nn.Module):
         self.peak_share = peak_share
         noise = torch.randn(score_samples, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("score_eps", noise)                           # (K, d)
+        side = min(vae.config.height, vae.config.width)
+        self.local_top = LOCAL_TOP
+        self.local = nn.ModuleList([LocalDensity(window, stride) for window, stride in windows_for(side)])
+        # how `combined` standardises (peak, local): median and 99th percentile minus median
+        self.register_buffer("combined_center", torch.zeros(2))
+        self.register_buffer("combined_scale", torch.ones(2))
 
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction: the decoder's mean image at z = mu."""
@@ -84,6 +102,12 @@ class ServableVAE(nn.Module):
             return self.anomaly_map(x).flatten(1).sum(1)
         if kind == "peak":
             return self.peak_score(self.anomaly_map(x))
+        if kind == "local" or kind == "combined":
+            peak, local = self._peak_and_local(x)
+            if kind == "local":
+                return local
+            both = (torch.stack([peak, local], 1) - self.combined_center) / self.combined_scale
+            return both.sum(1)
         mu, log_var = self.vae.encode(x)
         log_px_z, log_pz, log_qz = self._sample_terms(x, mu, log_var)      # (B, K) each
         if kind == "elbo":
@@ -91,14 +115,17 @@ class ServableVAE(nn.Module):
         if kind == "iwae":
             k = log_px_z.shape[1]
             return -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
-        raise ValueError("unknown score kind " + kind + ": expected recon, elbo, iwae, excess or peak")
+        raise ValueError("unknown score kind " + kind + ": expected recon, elbo, iwae, excess, peak, local "
+                         "or combined")
 
     @torch.jit.export
     def anomaly_map(self, x: Tensor) -> Tensor:
         """Per-pixel anomaly (B, H, W): the pixel's -log p(x | z = mu) above the least it could be
         for that pixel value, summed over channels. Zero where the reconstruction is exact."""
         mu, _ = self.vae.encode(x)
-        logits = self.vae.decode_logits(mu)
+        return self._excess_map(x, self.vae.decode_logits(mu))
+
+    def _excess_map(self, x: Tensor, logits: Tensor) -> Tensor:
         excess = self.vae.pixel_nll(x, logits) - self.vae.pixel_nll(x, self._best_logits(x))
         return excess.clamp(min=0.0).sum(1)
 
@@ -109,6 +136,48 @@ class ServableVAE(nn.Module):
         flat = smoothed.flatten(1)
         k = max(1, int(round(self.peak_share * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(1)
+
+    def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The peak and local scores (B,) each, from one decoder pass."""
+        mu, _ = self.vae.encode(x)
+        logits = self.vae.decode_logits(mu)
+        recon = self.vae.mean(logits)
+        windows = torch.cat([density(x, recon) for density in self.local], 1)          # (B, L1 + L2)
+        top = windows.topk(min(self.local_top, windows.shape[1]), dim=1).values.mean(1)
+        return self.peak_score(self._excess_map(x, logits)), top
+
+    @torch.jit.unused
+    def fit_local(self, normal: Tensor, held_out: Tensor, batch_size: int = 256) -> None:
+        """Fit the local statistics on normal images, then standardise `combined` on held-out ones."""
+        with torch.no_grad():
+            recon = torch.cat([self(normal[i:i + batch_size]) for i in range(0, len(normal), batch_size)])
+            for density in self.local:
+                density.fit(density.statistics(normal, recon))
+            scores = [self._peak_and_local(held_out[i:i + batch_size]) for i in range(0, len(held_out), batch_size)]
+            both = torch.stack([torch.cat([s[0] for s in scores]), torch.cat([s[1] for s in scores])], 1).double()
+            median, tail = both.quantile(0.5, dim=0), both.quantile(0.99, dim=0)
+            self.combined_center = median.float()
+            self.combined_scale = (tail - median).clamp(min=1e-6).float()
+
+    @torch.jit.unused
+    def load_trained(self, state: dict[str, Tensor]) -> None:
+        """Load an artifact's state: its local statistics if it has them (sized by their fit), else
+        these stay unfitted, as in an artifact exported before they existed."""
+        own = self.state_dict()
+        for name, value in state.items():
+            if name in own and own[name].numel() == 0 and value.numel() > 0:
+                owner, _, buffer = name.rpartition(".")
+                self.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))
+        self.load_state_dict({**self.state_dict(), **state})
+
+    @property
+    def local_fitted(self) -> bool:
+        return all(density.fitted for density in self.local)
+
+    @torch.jit.unused
+    def available_kinds(self) -> list[str]:
+        """The kinds this module can compute: all of them once the local statistics are fitted."""
+        return [k for k in SCORE_KINDS if self.local_fitted or k not in LOCAL_KINDS]
 
     def _best_logits(self, x: Tensor) -> Tensor:
         """Logits whose mean is x itself: the per-pixel minimum of the reconstruction loss."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig, resolve, validate
 from .data import ImageSet, Splits, load_source, split_set
-from .export import build_metadata, export_artifact, score_images
+from .export import build_metadata, export_artifact, fit_local_statistics, score_images
 from .model import VAE, VAEConfig, build_vae
 from .report import report_dir, write_report
 from .scoring import ServableVAE
@@ -276,6 +276,7 @@ def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, histor
     """Test metrics, the artifact with its calibration, and the plots."""
     out = Path(config.out)
     servable = ServableVAE(vae, config.score, config.score_samples, config.seed).eval()
+    fit_local_statistics(servable, splits, config.seed)
     metrics = test_metrics(vae, servable, splits, config)
     metrics.update(best_epoch=best_epoch, epochs_run=len(history), train_seconds=round(seconds, 2),
                    **{f"final_{k}": v for k, v in (history[-1] if history else {}).items() if k != "epoch"})

@@ -78,7 +78,7 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
                       suites=("defects", "calibration"), quick=True, progress=False, cache=tmp_path / "cache")
     results = run(options)
     block = results["defects"]["digits"]
-    kinds = ("recon", "elbo", "iwae", "excess", "peak")
+    kinds = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined")
     assert list(block["metrics"])[0] == "vae:excess"            # the artifact's default comes first
     assert set(block["metrics"]) == {*(f"vae:{k}" for k in kinds), *ANCHOR_NAMES}
     for per_kind in block["metrics"].values():
@@ -91,8 +91,8 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
     observed = results["calibration"]["artifacts"]["digits"]["observed"]
     assert set(observed) == set(block["metrics"])
     report = (tmp_path / "report" / "report.md").read_text()
-    assert ("| kind | vae:excess | vae:recon | vae:elbo | vae:iwae | vae:peak | PCA recon | PCA KDE | OC-SVM "
-            "| IForest |") in report
+    assert ("| kind | vae:excess | vae:recon | vae:elbo | vae:iwae | vae:peak | vae:local | vae:combined "
+            "| PCA recon | PCA KDE | OC-SVM | IForest |") in report
     assert "## The targets" in report and "digits: observed FPR at the 1% threshold (vae:excess)" in report
     assert (tmp_path / "report" / "defects-digits-auroc.png").stat().st_size > 0
     assert (tmp_path / "report" / "results.json").exists()

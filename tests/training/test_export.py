@@ -79,6 +79,8 @@ def test_checksum_sidecar_matches_and_catches_tampering(digits_artifact: Path, t
 def test_scripted_methods_equal_eager(config: VAEConfig, tmp_path: Path) -> None:
     torch.manual_seed(0)
     eager = ServableVAE(build_vae(config), "iwae", 8, seed=1).eval()
+    shape = (config.channels, config.height, config.width)
+    eager.fit_local(torch.rand(64, *shape), torch.rand(32, *shape))      # local and combined need it
     path = tmp_path / "m.pt"
     torch.jit.script(eager).save(str(path))
     scripted = torch.jit.load(str(path))

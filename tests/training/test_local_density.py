@@ -1,0 +1,116 @@
+"""The local and combined scores: they rise for removed detail, they stand on statistics fitted on
+normal images only, and artifacts exported before them gain them by recalibration."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.calibrate import calibrate, rebuild_servable
+from training.defects import gaussian_blur
+from training.export import artifact_splits, export_artifact, load_artifact, score_images
+from training.local_density import FEATURES, LocalDensity, windows_for
+from training.model import VAEConfig, build_vae
+from training.scoring import LOCAL_KINDS, SCORE_KINDS, ServableVAE
+
+SIDE = 32
+
+
+def grain(count: int, seed: int) -> torch.Tensor:
+    """A fine random texture (count, 1, SIDE, SIDE): smoothed noise around mid-grey."""
+    rng = np.random.default_rng(seed)
+    planes = [0.5 + 2.0 * gaussian_blur(rng.normal(0, 0.1, (SIDE, SIDE)), 0.7) for _ in range(count)]
+    return torch.as_tensor(np.clip(np.stack(planes), 0, 1)[:, None], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> ServableVAE:
+    torch.manual_seed(0)
+    servable = ServableVAE(build_vae(VAEConfig("conv", 1, SIDE, SIDE, 4, (32,), (8, 16), "gaussian")), "combined", 4)
+    servable.fit_local(grain(400, 0), grain(200, 1))
+    return servable.eval()
+
+
+def test_windows_scale_with_the_image() -> None:
+    assert windows_for(64) == [(8, 4), (16, 8)]
+    assert windows_for(28) == [(4, 2), (7, 3)]
+    assert windows_for(8) == [(2, 1), (3, 1)]
+
+
+def test_a_flattened_or_blurred_region_raises_local_and_lowers_the_error(fitted: ServableVAE) -> None:
+    """Removing detail makes a plain reconstruction error smaller, and the local score larger than
+    on any clean image."""
+    clean = grain(60, 2)
+    flattened, blurred = clean.clone(), clean.clone()
+    flattened[:, :, 8:22, 8:22] = clean[:, :, 8:22, 8:22].mean((2, 3), keepdim=True)
+    for i in range(len(clean)):
+        smooth = gaussian_blur(clean[i, 0].numpy().astype(np.float64), 1.6)
+        blurred[i, 0, 6:24, 6:24] = torch.as_tensor(smooth[6:24, 6:24], dtype=torch.float32)
+    with torch.no_grad():
+        local = {name: fitted.score_by(x, "local") for name, x in
+                 (("clean", clean), ("flattened", flattened), ("blurred", blurred))}
+        for damaged in (flattened, blurred):
+            assert (fitted.score_by(damaged, "excess") < fitted.score_by(clean, "excess")).float().mean() > 0.9
+    assert local["flattened"].min() > local["clean"].max()
+    assert local["blurred"].min() > local["clean"].max()
+
+
+def test_combined_is_standardised_on_the_held_out_images(fitted: ServableVAE) -> None:
+    """Each half of combined is 0 at the held-out median and 1 at their 99th percentile."""
+    held_out = grain(200, 1)
+    with torch.no_grad():
+        peak, local = fitted.score_by(held_out, "peak"), fitted.score_by(held_out, "local")
+    for index, scores in enumerate((peak, local)):
+        standard = (scores.double() - fitted.combined_center[index]) / fitted.combined_scale[index]
+        assert abs(standard.median().item()) < 0.02
+        assert abs(standard.quantile(0.99).item() - 1.0) < 0.05
+
+
+def test_unfitted_statistics_refuse_with_a_clear_message() -> None:
+    density = LocalDensity(4, 2)
+    assert not density.fitted and density.mean.shape == (0, FEATURES)
+    servable = ServableVAE(build_vae(VAEConfig("mlp", 1, 8, 8, 2, (16,), (), "bernoulli")), "peak", 4)
+    assert servable.available_kinds() == [k for k in SCORE_KINDS if k not in LOCAL_KINDS]
+    with pytest.raises(torch.jit.Error, match="not fitted"):
+        torch.jit.script(servable).score_by(torch.rand(2, 1, 8, 8), "local")
+
+
+def test_recalibrating_an_artifact_from_before_fits_its_statistics(digits_artifact: Path, tmp_path: Path) -> None:
+    """An artifact without the local statistics (as exported before they existed) gets them fitted
+    on its own training split when recalibrated, and can then default to combined."""
+    module, metadata = load_artifact(digits_artifact)
+    servable = rebuild_servable(module, metadata, "excess")
+    for density in servable.local:                       # forget the fit: an older artifact
+        density.register_buffer("mean", torch.zeros(0, FEATURES))
+        density.register_buffer("precision", torch.zeros(0, FEATURES, FEATURES))
+    splits = artifact_splits(metadata)
+    old = tmp_path / "old.pt"
+    exported = export_artifact(servable, metadata, splits.cal.images, old)
+    assert "local" not in exported["score"]["kinds"]
+
+    renewed = calibrate(old, tmp_path / "new.pt", score_kind="combined", command="test")
+    assert renewed["score"]["kinds"] == list(SCORE_KINDS)
+    assert renewed["calibration"]["score_kind"] == "combined"
+    new_module, _ = load_artifact(tmp_path / "new.pt")
+    np.testing.assert_array_equal(np.sort(score_images(new_module, splits.cal.images)),
+                                  renewed["calibration"]["scores"])
+    # fitted on the same training split with the same seed: the same statistics the export fitted
+    for name, value in module.state_dict().items():
+        if name.startswith("local."):
+            torch.testing.assert_close(new_module.state_dict()[name], value)
+
+
+def test_recalibrating_keeps_fitted_statistics(digits_artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.pt"
+    shutil.copy(digits_artifact, copy)
+    shutil.copy(digits_artifact.with_name("digits.pt.sha256"), tmp_path / "copy.pt.sha256")
+    (tmp_path / "copy.pt.sha256").write_text((tmp_path / "copy.pt.sha256").read_text().replace("digits.pt", "copy.pt"))
+    calibrate(copy, score_kind="local", command="test")
+    before, _ = load_artifact(digits_artifact)
+    after, _ = load_artifact(copy)
+    for name, value in before.state_dict().items():
+        torch.testing.assert_close(after.state_dict()[name], value, rtol=0, atol=0)
