@@ -24,7 +24,7 @@ import torch
 from .config import TrainConfig
 from .data import ImageSet, Splits, load_source, split_set
 from .local_density import windows_for
-from .scoring import LOCAL_TOP, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
+from .scoring import LOCAL_SHARE, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -106,7 +106,7 @@ def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: 
 def local_settings(vae_config: Any) -> dict[str, Any]:
     """What the local score looks at, for a reader of the metadata."""
     side = min(vae_config.height, vae_config.width)
-    return {"windows": [{"size": w, "stride": s} for w, s in windows_for(side)], "top": LOCAL_TOP,
+    return {"windows": [{"size": w, "stride": s} for w, s in windows_for(side)], "share": LOCAL_SHARE,
             "fitted_on": "the training split (at most 10,000 images); standardised on the validation split"}
 
 

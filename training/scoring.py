@@ -14,7 +14,7 @@ Scores (higher = more anomalous, nats per image):
 - `peak`:  the mean of the top `peak_share` of the anomaly map after a `peak_window` box average:
            a small defect counts in full instead of being diluted by the rest of the image, and the
            box average keeps isolated noisy pixels of a clean image from setting the score;
-- `local`: the mean of the `LOCAL_TOP` largest window distances of `training.local_density`, a
+- `local`: the mean of the largest `LOCAL_SHARE` of the window distances of `training.local_density`, a
            Gaussian over local statistics of the input, reconstruction and residual at two window
            sizes: it rises for detail that is missing (blur, flattened material), not only added;
 - `combined`: peak + local, each first standardised on held-out normal images ((s - median) /
@@ -41,7 +41,7 @@ SCORE_UNITS = {"recon": "nats per image", "elbo": "nats per image", "iwae": "nat
                "excess": "nats per image", "peak": "nats per pixel",
                "local": "squared Mahalanobis distance", "combined": "standardised units"}
 LOCAL_KINDS = ("local", "combined")   # need `fit_local` first
-LOCAL_TOP = 3            # windows averaged: one stray window of a clean image does not set the score
+LOCAL_SHARE = 0.1        # of the windows, averaged: about a defect's area, so its evidence adds up
 PEAK_WINDOW = 5          # pixels; odd, so the box is centred
 PEAK_SHARE = 0.05        # of the pixels
 
@@ -62,7 +62,7 @@ class ServableVAE(nn.Module):
         noise = torch.randn(score_samples, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("score_eps", noise)                           # (K, d)
         side = min(vae.config.height, vae.config.width)
-        self.local_top = LOCAL_TOP
+        self.local_share = LOCAL_SHARE
         self.local = nn.ModuleList([LocalDensity(window, stride) for window, stride in windows_for(side)])
         # how `combined` standardises (peak, local): median and 99th percentile minus median
         self.register_buffer("combined_center", torch.zeros(2))
@@ -143,7 +143,8 @@ class ServableVAE(nn.Module):
         logits = self.vae.decode_logits(mu)
         recon = self.vae.mean(logits)
         windows = torch.cat([density(x, recon) for density in self.local], 1)          # (B, L1 + L2)
-        top = windows.topk(min(self.local_top, windows.shape[1]), dim=1).values.mean(1)
+        k = max(1, int(round(self.local_share * windows.shape[1])))
+        top = windows.topk(k, dim=1).values.mean(1)
         return self.peak_score(self._excess_map(x, logits)), top
 
     @torch.jit.unused
