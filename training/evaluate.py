@@ -70,6 +70,9 @@ FASHION_STANDIN_EPOCHS = 3
 # without which the Gaussian decoder ignored z for the first ten epochs
 TEXTURE_MODEL = {"likelihood": "gaussian", "latent_dim": 32, "conv_channels": (16, 32, 64, 128),
                  "warmup_epochs": 5, "patience": 15}
+# a texture defect may add detail or remove it: the score that sees both (set by recalibration, so
+# the cached trainings stay valid)
+TEXTURE_SCORE = "combined"
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -205,6 +208,20 @@ def artifact_splits(metadata: dict[str, Any]) -> Splits:
     if key not in _SOURCES:
         _SOURCES[key] = load_source(*key)
     return split_of(metadata, _SOURCES[key])
+
+
+def with_local_scores(path: Path, cache: Path) -> Path:
+    """The artifact itself if it carries the local statistics, else a recalibrated copy in the
+    cache that does (same weights and default kind, statistics fitted on its training split)."""
+    _, metadata = load_artifact(path)
+    if "local" in metadata["score"]["kinds"]:
+        return path
+    upgraded = cache / f"{path.stem}-local.pt"
+    if not upgraded.exists() or upgraded.stat().st_mtime < path.stat().st_mtime:
+        cache.mkdir(parents=True, exist_ok=True)
+        tqdm.write(f"fitting the local statistics of {path} into {upgraded}")
+        calibrate(path, upgraded, command="training.evaluate: fit the local statistics")
+    return upgraded
 
 
 def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
@@ -402,7 +419,8 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
                 np.save(files[band], patches)
         path = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
         calibrated = path.with_name(path.stem + "-calibrated.pt")
-        calibrate(path, calibrated, data=str(files["cal"]), command="training.evaluate: the calibration band")
+        calibrate(path, calibrated, score_kind=TEXTURE_SCORE, data=str(files["cal"]),
+                  command="training.evaluate: the calibration band")
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
         found[name] = (load_context(calibrated, f"texture:{name}", options, cal), test)   # scaled as training does
     return found
@@ -432,7 +450,8 @@ def novelty_suite(options: Options) -> dict[str, Any]:
             epochs = options.novelty_epochs if data != "digits" else (20 if options.quick else None)
             config = TrainConfig(data=data, class_filter=k, epochs=epochs, quiet=True, report=False,
                                  checkpoint_every=0, seed=options.seed, threads=options.threads)
-            context = load_context(train_cached(config, options.cache, f"novelty-{data}-{k}"), f"{data}:{k}", options)
+            path = with_local_scores(train_cached(config, options.cache, f"novelty-{data}-{k}"), options.cache)
+            context = load_context(path, f"{data}:{k}", options)
             test = context.splits.test.subset(np.arange(min(len(context.splits.test), options.novelty_max_images)))
             scores = context.score(test.images)
             anomalous = test.labels != k
@@ -656,7 +675,9 @@ def write_report(results: dict[str, Any], options: Options, command: str) -> Pat
              "Scores: `vae:<kind>` are the artifact's TorchScript scores (the default kind through `module.score`, "
              "exactly as the service); anchors fit on the same training split: `PCA recon` (95% variance), "
              "`PCA KDE` (Gaussian kernel density on 16 whitened PCA components, bandwidth by 3-fold CV), "
-             "`OC-SVM` (RBF, nu 0.05) and `IForest` (200 trees) on the same features.", ""]
+             "`OC-SVM` (RBF, nu 0.05) and `IForest` (200 trees) on the same features. `vae:local` is a Gaussian "
+             "over window statistics of the input, reconstruction and residual (`training.local_density`), "
+             "`vae:combined` is peak + local, each standardised on validation images.", ""]
     lines += targets_section(results, options.fpr)
     if "defects" in results:
         lines += ["## Synthetic defects", ""]
@@ -703,7 +724,7 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     contexts: dict[str, Context] = {}
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():
-            contexts[name] = load_context(path, name, options)
+            contexts[name] = load_context(with_local_scores(path, options.cache), name, options)
     textures = texture_contexts(options) if "textures" in options.suites else {}
     for suite in options.suites:
         begun = time.perf_counter()
