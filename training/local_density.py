@@ -84,6 +84,18 @@ class LocalDensity(nn.Module):
         centred = (self.statistics(x, recon) - self.mean).unsqueeze(2)                 # (B, L, 1, F)
         return (torch.matmul(centred, self.precision) * centred).sum(3).squeeze(2)
 
+    def spread(self, distances: Tensor, height: int, width: int) -> Tensor:
+        """Window distances (B, L) as a map (B, H, W): each pixel the mean distance of the windows
+        that cover it (pixels past the last window take the nearest row or column)."""
+        rows = (height - self.window) // self.stride + 1
+        grid = distances.view(-1, 1, rows, distances.shape[1] // rows)
+        kernel = torch.ones(1, 1, self.window, self.window, dtype=grid.dtype)
+        total = F.conv_transpose2d(grid, kernel, stride=self.stride)
+        covering = F.conv_transpose2d(torch.ones_like(grid), kernel, stride=self.stride)
+        spread = total / covering
+        missing = [0, width - spread.shape[3], 0, height - spread.shape[2]]
+        return F.pad(spread, missing, mode="replicate").squeeze(1)
+
     @torch.jit.unused
     def fit(self, statistics: Tensor) -> None:
         """Fill the Gaussians from the statistics (N, L, F) of normal images."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .local_density import LocalDensity, windows_for
+from .local_density import FEATURES, LocalDensity, windows_for
 from .model import VAE
 
 SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined")
@@ -63,6 +63,7 @@ class ServableVAE(nn.Module):
         self.register_buffer("score_eps", noise)                           # (K, d)
         side = min(vae.config.height, vae.config.width)
         self.local_share = LOCAL_SHARE
+        self.local_expected = float(FEATURES)   # a normal window's mean squared distance: one per statistic
         self.local = nn.ModuleList([LocalDensity(window, stride) for window, stride in windows_for(side)])
         # how `combined` standardises (peak, local): median and 99th percentile minus median
         self.register_buffer("combined_center", torch.zeros(2))
@@ -99,9 +100,9 @@ class ServableVAE(nn.Module):
         if kind == "recon":
             return self.reconstruction_error(x)
         if kind == "excess":
-            return self.anomaly_map(x).flatten(1).sum(1)
+            return self.excess_map(x).flatten(1).sum(1)
         if kind == "peak":
-            return self.peak_score(self.anomaly_map(x))
+            return self.peak_score(self.excess_map(x))
         if kind == "local" or kind == "combined":
             peak, local = self._peak_and_local(x)
             if kind == "local":
@@ -120,10 +121,37 @@ class ServableVAE(nn.Module):
 
     @torch.jit.export
     def anomaly_map(self, x: Tensor) -> Tensor:
-        """Per-pixel anomaly (B, H, W): the pixel's -log p(x | z = mu) above the least it could be
-        for that pixel value, summed over channels. Zero where the reconstruction is exact."""
+        """Per-pixel anomaly (B, H, W) for the default kind: the excess map, or for `local` and
+        `combined` the map of what those scores read (`local_map`)."""
+        if self.score_kind == "local" or self.score_kind == "combined":
+            return self.local_map(x)
+        return self.excess_map(x)
+
+    @torch.jit.export
+    def excess_map(self, x: Tensor) -> Tensor:
+        """The pixel's -log p(x | z = mu) above the least it could be for that pixel value, summed
+        over channels, (B, H, W). Zero where the reconstruction is exact."""
         mu, _ = self.vae.encode(x)
         return self._excess_map(x, self.vae.decode_logits(mu))
+
+    @torch.jit.export
+    def local_map(self, x: Tensor) -> Tensor:
+        """What `combined` reads, per pixel (B, H, W): the box-averaged excess map over peak's
+        spread, plus the windows' distances above their expectation (as many as there are
+        statistics) over local's spread, each window's spread over the pixels it covers. `local`
+        keeps only the second term. Zero where neither sees anything unusual."""
+        mu, _ = self.vae.encode(x)
+        logits = self.vae.decode_logits(mu)
+        recon = self.vae.mean(logits)
+        height, width = x.shape[2], x.shape[3]
+        spread = torch.stack([density.spread(density(x, recon), height, width) for density in self.local]).mean(0)
+        local = (spread - self.local_expected).clamp(min=0.0) / self.combined_scale[1]
+        if self.score_kind == "local":
+            return local
+        window = self.peak_window
+        excess = F.avg_pool2d(self._excess_map(x, logits).unsqueeze(1), window, 1, window // 2,
+                              count_include_pad=False).squeeze(1)
+        return excess / self.combined_scale[0] + local
 
     def _excess_map(self, x: Tensor, logits: Tensor) -> Tensor:
         excess = self.vae.pixel_nll(x, logits) - self.vae.pixel_nll(x, self._best_logits(x))

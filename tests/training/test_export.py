@@ -86,7 +86,7 @@ def test_scripted_methods_equal_eager(config: VAEConfig, tmp_path: Path) -> None
     scripted = torch.jit.load(str(path))
     x = torch.rand(5, config.channels, config.height, config.width)
     with torch.no_grad():
-        for name in ("encode", "forward", "reconstruction_error", "score", "anomaly_map"):
+        for name in ("encode", "forward", "reconstruction_error", "score", "anomaly_map", "excess_map", "local_map"):
             torch.testing.assert_close(getattr(eager, name)(x), getattr(scripted, name)(x), rtol=0, atol=0)
         z = torch.randn(4, config.latent_dim)
         torch.testing.assert_close(eager.decode(z), scripted.decode(z), rtol=0, atol=0)

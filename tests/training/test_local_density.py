@@ -59,6 +59,30 @@ def test_a_flattened_or_blurred_region_raises_local_and_lowers_the_error(fitted:
     assert local["blurred"].min() > local["clean"].max()
 
 
+def test_spread_gives_each_pixel_the_mean_of_its_windows() -> None:
+    density = LocalDensity(4, 2)                        # 3 x 3 windows on 8 x 8
+    distances = torch.zeros(1, 9)
+    distances[0, 0] = 1.0                               # the top-left window only
+    spread = density.spread(distances, 8, 8)[0]
+    assert spread.shape == (8, 8)
+    assert spread[:2, :2].eq(1.0).all()                 # covered by that window alone
+    assert spread[2:4, :2].eq(0.5).all() and spread[2:4, 2:4].eq(0.25).all()
+    assert spread[4:, :].eq(0.0).all() and spread[:, 4:].eq(0.0).all()
+
+
+def test_the_map_of_combined_points_at_a_flattened_region(fitted: ServableVAE) -> None:
+    """The excess map cannot show missing detail; the combined map does."""
+    damaged = grain(20, 3)
+    damaged[:, :, 8:22, 8:22] = damaged[:, :, 8:22, 8:22].mean((2, 3), keepdim=True)
+    inside = torch.zeros(SIDE, SIDE, dtype=torch.bool)
+    inside[8:22, 8:22] = True
+    with torch.no_grad():
+        combined, excess = fitted.anomaly_map(damaged), fitted.excess_map(damaged)
+    assert combined.shape == excess.shape == (20, SIDE, SIDE)
+    assert combined[:, inside].mean() > 3 * combined[:, ~inside].mean()
+    assert excess[:, inside].mean() < excess[:, ~inside].mean()
+
+
 def test_combined_is_standardised_on_the_held_out_images(fitted: ServableVAE) -> None:
     """Each half of combined is 0 at the held-out median and 1 at their 99th percentile."""
     held_out = grain(200, 1)
