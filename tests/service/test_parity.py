@@ -8,10 +8,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 
 from tests.conftest import quick_config
 from tests.service.conftest import serve
+from training.calibrate import calibrate
 from training.data import load_source, split_set
 from training.export import load_artifact, score_images
 from training.train import train
@@ -56,3 +58,23 @@ def test_a_folder_model_scores_uploaded_files_as_training_loaded_them(tmp_path: 
         files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
         served = served_scores(http, files=files)
     np.testing.assert_allclose(served, offline, rtol=1e-6, atol=1e-5)
+
+
+def test_a_combined_artifact_serves_its_scores_and_maps(digits_artifact: Path, tmp_path: Path) -> None:
+    """Recalibrated onto `combined`, the artifact's scores and its map (local statistics plus the
+    excess) come over HTTP exactly as the module computes them offline."""
+    out = tmp_path / "combined.pt"
+    calibrate(digits_artifact, out, score_kind="combined", command="test")
+    module, metadata = load_artifact(out)
+    images = load_source("digits").images[200:216]
+    with torch.no_grad():
+        offline_maps = module.anomaly_map(torch.as_tensor(images)).numpy()
+    with serve(model_path=out) as url, httpx.Client(base_url=url, timeout=30) as http:
+        response = http.post("/anomaly-score?map=true", json={"images": [i[0].tolist() for i in images]})
+        model = http.get("/model").json()
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert response.json()["score_kind"] == "combined" and model["score"]["kind"] == "combined"
+    np.testing.assert_allclose([r["score"] for r in results], score_images(module, images), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.array([r["map"] for r in results]), offline_maps, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(offline_maps, module.excess_map(torch.as_tensor(images)).detach().numpy())
