@@ -103,17 +103,28 @@ def test_unfitted_statistics_refuse_with_a_clear_message() -> None:
         torch.jit.script(servable).score_by(torch.rand(2, 1, 8, 8), "local")
 
 
+def export_without_local(artifact: Path, out: Path, data: str | None = None) -> dict:
+    """The artifact as exported before the local statistics existed (optionally recording another
+    training data source)."""
+    module, metadata = load_artifact(artifact)
+    servable = rebuild_servable(module, metadata, "excess")
+    for density in servable.local:
+        density.register_buffer("mean", torch.zeros(0, FEATURES))
+        density.register_buffer("precision", torch.zeros(0, FEATURES, FEATURES))
+    calibration = artifact_splits(metadata).cal.images
+    if data is not None:
+        training = metadata["training"]
+        metadata = {**metadata, "training": {**training, "config": {**training["config"], "data": data}}}
+    return export_artifact(servable, metadata, calibration, out)
+
+
 def test_recalibrating_an_artifact_from_before_fits_its_statistics(digits_artifact: Path, tmp_path: Path) -> None:
     """An artifact without the local statistics (as exported before they existed) gets them fitted
     on its own training split when recalibrated, and can then default to combined."""
     module, metadata = load_artifact(digits_artifact)
-    servable = rebuild_servable(module, metadata, "excess")
-    for density in servable.local:                       # forget the fit: an older artifact
-        density.register_buffer("mean", torch.zeros(0, FEATURES))
-        density.register_buffer("precision", torch.zeros(0, FEATURES, FEATURES))
     splits = artifact_splits(metadata)
     old = tmp_path / "old.pt"
-    exported = export_artifact(servable, metadata, splits.cal.images, old)
+    exported = export_without_local(digits_artifact, old)
     assert "local" not in exported["score"]["kinds"]
 
     renewed = calibrate(old, tmp_path / "new.pt", score_kind="combined", command="test")
@@ -138,3 +149,15 @@ def test_recalibrating_keeps_fitted_statistics(digits_artifact: Path, tmp_path: 
     after, _ = load_artifact(copy)
     for name, value in before.state_dict().items():
         torch.testing.assert_close(after.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_without_its_training_data_an_old_artifact_keeps_the_other_kinds(digits_artifact: Path,
+                                                                       tmp_path: Path) -> None:
+    old = tmp_path / "old.pt"
+    export_without_local(digits_artifact, old, data=str(tmp_path / "gone"))
+    good = tmp_path / "good.npy"
+    np.save(good, (artifact_splits(load_artifact(digits_artifact)[1]).cal.images[:, 0] * 16).astype(np.uint8))
+    with pytest.raises(ValueError, match="needs the artifact's training data"):
+        calibrate(old, tmp_path / "new.pt", score_kind="combined", data=str(good))
+    renewed = calibrate(old, tmp_path / "new.pt", score_kind="peak", data=str(good))
+    assert renewed["score"]["kinds"] == [k for k in SCORE_KINDS if k not in LOCAL_KINDS]
