@@ -107,7 +107,8 @@ def local_settings(vae_config: Any) -> dict[str, Any]:
     """What the local score looks at, for a reader of the metadata."""
     side = min(vae_config.height, vae_config.width)
     return {"windows": [{"size": w, "stride": s} for w, s in windows_for(side)], "share": LOCAL_SHARE,
-            "fitted_on": "the training split (at most 10,000 images); standardised on the validation split"}
+            "fitted_on": f"the training split (at most {LOCAL_FIT_IMAGES} images); standardised on the "
+                         f"validation split (at most {LOCAL_HELD_OUT_IMAGES})"}
 
 
 def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,
