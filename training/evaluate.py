@@ -53,7 +53,7 @@ from sklearn.svm import OneClassSVM  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from .calibrate import calibrate  # noqa: E402
-from .config import TrainConfig  # noqa: E402
+from .config import AUTO_DEFAULTS, TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
 from .export import artifact_splits as split_of  # noqa: E402
@@ -70,8 +70,8 @@ FASHION_STANDIN_EPOCHS = 3
 # without which the Gaussian decoder ignored z for the first ten epochs
 TEXTURE_MODEL = {"likelihood": "gaussian", "latent_dim": 32, "conv_channels": (16, 32, 64, 128),
                  "warmup_epochs": 5, "patience": 15}
-# a texture defect may add detail or remove it: the score that sees both (set by recalibration, so
-# the cached trainings stay valid)
+# a texture defect may add detail or remove it: the score that sees both, the conv default (set by
+# recalibration, so trainings cached by older code stay valid)
 TEXTURE_SCORE = "combined"
 
 
@@ -210,18 +210,25 @@ def artifact_splits(metadata: dict[str, Any]) -> Splits:
     return split_of(metadata, _SOURCES[key])
 
 
-def with_local_scores(path: Path, cache: Path) -> Path:
-    """The artifact itself if it carries the local statistics, else a recalibrated copy in the
-    cache that does (same weights and default kind, statistics fitted on its training split)."""
+def with_current_scores(path: Path, cache: Path, kind: str | None = None) -> Path:
+    """The artifact as this code would export it: carrying the local statistics, and defaulting to
+    `kind` if given. Otherwise a recalibrated copy in the cache (same weights; statistics fitted on
+    its training split), so trainings cached by older code stay valid."""
     _, metadata = load_artifact(path)
-    if "local" in metadata["score"]["kinds"]:
+    kind = kind or metadata["calibration"]["score_kind"]
+    if "local" in metadata["score"]["kinds"] and metadata["calibration"]["score_kind"] == kind:
         return path
-    upgraded = cache / f"{path.stem}-local.pt"
+    upgraded = cache / f"{path.stem}-{kind}.pt"
     if not upgraded.exists() or upgraded.stat().st_mtime < path.stat().st_mtime:
         cache.mkdir(parents=True, exist_ok=True)
-        tqdm.write(f"fitting the local statistics of {path} into {upgraded}")
-        calibrate(path, upgraded, command="training.evaluate: fit the local statistics")
+        tqdm.write(f"recalibrating {path} onto {kind} with the local statistics: {upgraded}")
+        calibrate(path, upgraded, score_kind=kind, command="training.evaluate: the current default score")
     return upgraded
+
+
+def auto_kind(path: Path) -> str:
+    """The score kind training picks today for this artifact's architecture."""
+    return AUTO_DEFAULTS[load_artifact(path)[1]["architecture"]["arch"]]["score"]
 
 
 def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
@@ -450,7 +457,8 @@ def novelty_suite(options: Options) -> dict[str, Any]:
             epochs = options.novelty_epochs if data != "digits" else (20 if options.quick else None)
             config = TrainConfig(data=data, class_filter=k, epochs=epochs, quiet=True, report=False,
                                  checkpoint_every=0, seed=options.seed, threads=options.threads)
-            path = with_local_scores(train_cached(config, options.cache, f"novelty-{data}-{k}"), options.cache)
+            trained = train_cached(config, options.cache, f"novelty-{data}-{k}")
+            path = with_current_scores(trained, options.cache, auto_kind(trained))     # trained with the auto kind
             context = load_context(path, f"{data}:{k}", options)
             test = context.splits.test.subset(np.arange(min(len(context.splits.test), options.novelty_max_images)))
             scores = context.score(test.images)
@@ -724,7 +732,7 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     contexts: dict[str, Context] = {}
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():
-            contexts[name] = load_context(with_local_scores(path, options.cache), name, options)
+            contexts[name] = load_context(with_current_scores(path, options.cache), name, options)
     textures = texture_contexts(options) if "textures" in options.suites else {}
     for suite in options.suites:
         begun = time.perf_counter()

@@ -167,13 +167,15 @@ def test_one_class_artifacts_with_few_calibration_images_gain_the_local_kinds(tm
     """A one-class digits model holds about 25 calibration images: too few for a 1% threshold from
     --data, but its own split is what training had, so fitting the statistics must not refuse it."""
     from tests.conftest import quick_config
-    from training.evaluate import with_local_scores
+    from training.evaluate import with_current_scores
     from training.train import train
 
     out = tmp_path / "one-class.pt"
     train(quick_config(tmp_path, data="digits", class_filter=3, out=str(out)))
     export_without_local(out, tmp_path / "old.pt")
-    upgraded = with_local_scores(tmp_path / "old.pt", tmp_path / "cache")
+    upgraded = with_current_scores(tmp_path / "old.pt", tmp_path / "cache")
     _, metadata = load_artifact(upgraded)
     assert metadata["score"]["kinds"] == list(SCORE_KINDS) and metadata["calibration"]["count"] < 100
-    assert with_local_scores(upgraded, tmp_path / "cache") == upgraded        # already there: itself
+    assert with_current_scores(upgraded, tmp_path / "cache") == upgraded        # already there: itself
+    switched = with_current_scores(upgraded, tmp_path / "cache", "combined")
+    assert load_artifact(switched)[1]["score"]["kind"] == "combined"
