@@ -136,10 +136,10 @@ class ServableVAE(nn.Module):
 
     @torch.jit.export
     def local_map(self, x: Tensor) -> Tensor:
-        """What `combined` reads, per pixel (B, H, W): the box-averaged excess map over peak's
-        spread, plus the windows' distances above their expectation (as many as there are
-        statistics) over local's spread, each window's spread over the pixels it covers. `local`
-        keeps only the second term. Zero where neither sees anything unusual."""
+        """What `combined` reads, per pixel (B, H, W): the box-averaged excess map divided by the
+        spread of peak (its 99th percentile minus median), plus each window's distance above its
+        expectation (one per statistic) divided by the spread of local, shared among the pixels the
+        window covers. `local` keeps only the second term. Zero where neither sees anything unusual."""
         mu, _ = self.vae.encode(x)
         logits = self.vae.decode_logits(mu)
         recon = self.vae.mean(logits)
@@ -179,9 +179,10 @@ class ServableVAE(nn.Module):
     def fit_local(self, normal: Tensor, held_out: Tensor, batch_size: int = 256) -> None:
         """Fit the local statistics on normal images, then standardise `combined` on held-out ones."""
         with torch.no_grad():
-            recon = torch.cat([self(normal[i:i + batch_size]) for i in range(0, len(normal), batch_size)])
-            for density in self.local:
-                density.fit(density.statistics(normal, recon))
+            batches = [normal[i:i + batch_size] for i in range(0, len(normal), batch_size)]
+            recons = [self(batch) for batch in batches]
+            for density in self.local:     # in batches: the per-pixel planes of 10,000 images would not fit
+                density.fit(torch.cat([density.statistics(b, r) for b, r in zip(batches, recons, strict=True)]))
             scores = [self._peak_and_local(held_out[i:i + batch_size]) for i in range(0, len(held_out), batch_size)]
             both = torch.stack([torch.cat([s[0] for s in scores]), torch.cat([s[1] for s in scores])], 1).double()
             median, tail = both.quantile(0.5, dim=0), both.quantile(0.99, dim=0)
