@@ -211,9 +211,9 @@ def artifact_splits(metadata: dict[str, Any]) -> Splits:
 
 
 def with_current_scores(path: Path, cache: Path, kind: str | None = None) -> Path:
-    """The artifact as this code would export it: carrying the local statistics, and defaulting to
-    `kind` if given. Otherwise a recalibrated copy in the cache (same weights; statistics fitted on
-    its training split), so trainings cached by older code stay valid."""
+    """The artifact itself if it carries the local statistics and defaults to `kind` (None: its own
+    kind); else a recalibrated copy in the cache that does (same weights, statistics fitted on its
+    training split), so trainings cached by older code stay valid."""
     _, metadata = load_artifact(path)
     kind = kind or metadata["calibration"]["score_kind"]
     if "local" in metadata["score"]["kinds"] and metadata["calibration"]["score_kind"] == kind:
