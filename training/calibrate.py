@@ -13,14 +13,16 @@ Without --data the calibration images are the artifact's own calibration split, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .data import load_source
+from .data import Splits, load_source
 from .export import artifact_splits, export_artifact, fit_local_statistics, load_artifact, local_settings
 from .model import VAEConfig, build_vae
 from .scoring import LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
@@ -43,11 +45,12 @@ def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], s
     return servable.eval()
 
 
-def fit_or_explain(servable: ServableVAE, metadata: dict[str, Any], kind: str) -> None:
+def fit_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
+                   kind: str) -> None:
     """Fit the local statistics of an artifact exported without them, on its own training split.
     Without that split (its data gone) the artifact keeps the other kinds, unless `kind` needs them."""
     try:
-        splits = artifact_splits(metadata)
+        splits = own_splits()
     except (OSError, ValueError) as error:
         if kind in LOCAL_KINDS:
             raise ValueError(f"--score {kind} needs the artifact's training data to fit its local statistics, "
@@ -56,11 +59,12 @@ def fit_or_explain(servable: ServableVAE, metadata: dict[str, Any], kind: str) -
     fit_local_statistics(servable, splits, metadata["training"]["config"].get("seed", 0))
 
 
-def calibration_images(metadata: dict[str, Any], data: str | None) -> tuple[np.ndarray, str]:
+def calibration_images(metadata: dict[str, Any], data: str | None,
+                       own_splits: Callable[[], Splits]) -> tuple[np.ndarray, str]:
     """Known-good images, resized and converted to the artifact's input as `train` loads them,
     and where they came from."""
     if data is None:
-        return artifact_splits(metadata).cal.images, "the artifact's calibration split"
+        return own_splits().cal.images, "the artifact's calibration split"
     shape = metadata["input"]
     return load_source(data, shape["height"], shape["channels"]).images, data
 
@@ -72,12 +76,13 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     kind = score_kind or metadata["calibration"]["score_kind"]
     if kind not in SCORE_KINDS:
         raise ValueError(f"--score must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
-    images, source = calibration_images(metadata, data)
+    own_splits = cache(lambda: artifact_splits(metadata))     # loaded once, and only if needed
+    images, source = calibration_images(metadata, data, own_splits)
     if data is not None and len(images) < 100:      # the artifact's own split is what training had
         raise ValueError(f"{len(images)} calibration images are too few for a 1% threshold (need at least 100)")
     servable = rebuild_servable(module, metadata, kind)
     if not servable.local_fitted:
-        fit_or_explain(servable, metadata, kind)
+        fit_or_explain(servable, metadata, own_splits, kind)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {
         "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]
@@ -86,7 +91,7 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     kept.update(created=now, trained=metadata.get("trained", metadata["created"]))
     kept["score"] = {**metadata["score"], "peak": {"window": servable.peak_window, "share": servable.peak_share}}
     if servable.local_fitted:
-        kept["score"]["local"] = local_settings(VAEConfig(**architecture_of(metadata)))
+        kept["score"]["local"] = local_settings(servable.vae.config)
     return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
 
 

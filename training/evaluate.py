@@ -70,9 +70,6 @@ FASHION_STANDIN_EPOCHS = 3
 # without which the Gaussian decoder ignored z for the first ten epochs
 TEXTURE_MODEL = {"likelihood": "gaussian", "latent_dim": 32, "conv_channels": (16, 32, 64, 128),
                  "warmup_epochs": 5, "patience": 15}
-# a texture defect may add detail or remove it: the score that sees both, the conv default (set by
-# recalibration, so trainings cached by older code stay valid)
-TEXTURE_SCORE = "combined"
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -426,7 +423,9 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
                 np.save(files[band], patches)
         path = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
         calibrated = path.with_name(path.stem + "-calibrated.pt")
-        calibrate(path, calibrated, score_kind=TEXTURE_SCORE, data=str(files["cal"]),
+        # onto the auto kind (combined: a texture defect may add detail or remove it) by recalibration,
+        # so trainings cached by older code stay valid
+        calibrate(path, calibrated, score_kind=auto_kind(path), data=str(files["cal"]),
                   command="training.evaluate: the calibration band")
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
         found[name] = (load_context(calibrated, f"texture:{name}", options, cal), test)   # scaled as training does
