@@ -115,9 +115,16 @@ class ModelRuntime:
             return (self.module.score(x),)
 
     def score_with_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Scores (B,) and per-pixel anomaly maps (B, H, W)."""
+        """Scores (B,) and per-pixel anomaly maps (B, H, W): from one model pass where the artifact
+        exports `score_with_map`, else (artifacts exported before it) from two calls."""
         with torch.inference_mode():
+            if self.fused_map:
+                return self.module.score_with_map(x)
             return self.module.score(x), self.module.anomaly_map(x)
+
+    @property
+    def fused_map(self) -> bool:
+        return hasattr(self.module, "score_with_map")
 
     def warm_up(self, rounds: int = 3) -> float:
         """Run every method a few times so the first request pays no first-call cost; returns seconds."""

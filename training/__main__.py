@@ -15,6 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import TrainConfig
+from .scoring import SCORE_KINDS
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="recalibrate an artifact on known-good images, "
                                     "optionally switching its default score; no retraining")
     calibrate.add_argument("artifact", help="the artifact to recalibrate")
-    calibrate.add_argument("--score", default=None, help="new default score: recon, elbo, iwae, excess or peak "
-                           "(default: keep the artifact's)")
+    calibrate.add_argument("--score", default=None, choices=SCORE_KINDS, metavar="KIND",
+                           help=f"new default score: {', '.join(SCORE_KINDS)} (default: keep the artifact's)")
     calibrate.add_argument("--data", default=None, help="known-good images, any --data source of `train` "
                            "(default: the artifact's own calibration split)")
     calibrate.add_argument("--out", default=None, help="where to write (default: over the artifact)")

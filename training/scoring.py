@@ -105,10 +105,7 @@ class ServableVAE(nn.Module):
             return self.peak_score(self.excess_map(x))
         if kind == "local" or kind == "combined":
             peak, local = self._peak_and_local(x)
-            if kind == "local":
-                return local
-            both = (torch.stack([peak, local], 1) - self.combined_center) / self.combined_scale
-            return both.sum(1)
+            return local if kind == "local" else self._combine(peak, local)
         mu, log_var = self.vae.encode(x)
         log_px_z, log_pz, log_qz = self._sample_terms(x, mu, log_var)      # (B, K) each
         if kind == "elbo":
@@ -140,18 +137,30 @@ class ServableVAE(nn.Module):
         spread of peak (its 99th percentile minus median), plus each window's distance above its
         expectation (one per statistic) divided by the spread of local, shared among the pixels the
         window covers. `local` keeps only the second term. Zero where neither sees anything unusual."""
-        mu, _ = self.vae.encode(x)
-        logits = self.vae.decode_logits(mu)
-        recon = self.vae.mean(logits)
-        height, width = x.shape[2], x.shape[3]
-        spread = torch.stack([density.spread(density(x, recon), height, width) for density in self.local]).mean(0)
-        local = (spread - self.local_expected).clamp(min=0.0) / self.combined_scale[1]
+        logits, windows = self._local_pass(x)
+        local = self._local_spread(windows, x.shape[2], x.shape[3])
         if self.score_kind == "local":
             return local
-        window = self.peak_window
-        excess = F.avg_pool2d(self._excess_map(x, logits).unsqueeze(1), window, 1, window // 2,
-                              count_include_pad=False).squeeze(1)
-        return excess / self.combined_scale[0] + local
+        return self._box(self._excess_map(x, logits)) / self.combined_scale[0] + local
+
+    @torch.jit.export
+    def score_with_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`score(x)` and `anomaly_map(x)` together, equal to calling both, but from one pass of the
+        encoder and decoder (and of the window statistics) where the default kind reads its map."""
+        kind = self.score_kind
+        if kind == "excess" or kind == "peak":
+            excess = self.excess_map(x)
+            return (excess.flatten(1).sum(1) if kind == "excess" else self.peak_score(excess)), excess
+        if kind == "local" or kind == "combined":
+            logits, windows = self._local_pass(x)
+            local_score = self._local_score(windows)
+            local = self._local_spread(windows, x.shape[2], x.shape[3])
+            if kind == "local":
+                return local_score, local
+            box = self._box(self._excess_map(x, logits))
+            score = self._combine(self._top_mean(box, self.peak_share), local_score)
+            return score, box / self.combined_scale[0] + local
+        return self.score(x), self.anomaly_map(x)       # sampled kinds: their map is another pass
 
     def _excess_map(self, x: Tensor, logits: Tensor) -> Tensor:
         excess = self.vae.pixel_nll(x, logits) - self.vae.pixel_nll(x, self._best_logits(x))
@@ -159,21 +168,44 @@ class ServableVAE(nn.Module):
 
     def peak_score(self, anomaly_map: Tensor) -> Tensor:
         """The mean of the highest `peak_share` of the box-averaged map, per image (B,)."""
+        return self._top_mean(self._box(anomaly_map), self.peak_share)
+
+    def _box(self, anomaly_map: Tensor) -> Tensor:
+        """The map (B, H, W) averaged over a `peak_window` box around each pixel."""
         window = self.peak_window
-        smoothed = F.avg_pool2d(anomaly_map.unsqueeze(1), window, 1, window // 2, count_include_pad=False)
-        flat = smoothed.flatten(1)
-        k = max(1, int(round(self.peak_share * flat.shape[1])))
+        return F.avg_pool2d(anomaly_map.unsqueeze(1), window, 1, window // 2, count_include_pad=False).squeeze(1)
+
+    def _top_mean(self, values: Tensor, share: float) -> Tensor:
+        """The mean of the highest `share` of each image's values (B,)."""
+        flat = values.flatten(1)
+        k = max(1, int(round(share * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(1)
 
-    def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The peak and local scores (B,) each, from one decoder pass."""
+    def _combine(self, peak: Tensor, local: Tensor) -> Tensor:
+        """`combined`: peak and local, each standardised on held-out images, added."""
+        return ((torch.stack([peak, local], 1) - self.combined_center) / self.combined_scale).sum(1)
+
+    def _local_pass(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The decoder's logits at z = mu, and every window's distance from normal (B, L) per scale."""
         mu, _ = self.vae.encode(x)
         logits = self.vae.decode_logits(mu)
         recon = self.vae.mean(logits)
-        windows = torch.cat([density(x, recon) for density in self.local], 1)          # (B, L1 + L2)
-        k = max(1, int(round(self.local_share * windows.shape[1])))
-        top = windows.topk(k, dim=1).values.mean(1)
-        return self.peak_score(self._excess_map(x, logits)), top
+        return logits, [density(x, recon) for density in self.local]
+
+    def _local_score(self, windows: list[Tensor]) -> Tensor:
+        """`local`: the mean of the farthest `local_share` of the windows, all scales together (B,)."""
+        return self._top_mean(torch.cat(windows, 1), self.local_share)
+
+    def _local_spread(self, windows: list[Tensor], height: int, width: int) -> Tensor:
+        """The `local` half of the map (B, H, W): window distances above expectation, spread over their pixels."""
+        spread = [density.spread(windows[i], height, width) for i, density in enumerate(self.local)]
+        spread = torch.stack(spread).mean(0)
+        return (spread - self.local_expected).clamp(min=0.0) / self.combined_scale[1]
+
+    def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The peak and local scores (B,) each, from one decoder pass."""
+        logits, windows = self._local_pass(x)
+        return self.peak_score(self._excess_map(x, logits)), self._local_score(windows)
 
     @torch.jit.unused
     def fit_local(self, normal: Tensor, held_out: Tensor, batch_size: int = 256) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.errors import ArtifactError
 from service.runtime import ModelRuntime, sha256_of
@@ -55,6 +56,18 @@ def test_an_fpr_below_what_calibration_supports_is_refused(runtime: ModelRuntime
     assert runtime.threshold(runtime.min_fpr) == runtime.calibration_scores[-1]
     with pytest.raises(ValueError, match="needs at least 999 calibration scores; this model has 270"):
         runtime.threshold(0.001)
+
+
+def test_scores_and_maps_are_alike_from_one_call_or_two(runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Artifacts exported before `score_with_map` existed get their maps from two calls instead."""
+    x = torch.rand(5, *runtime.input_shape, generator=torch.Generator().manual_seed(0))
+    assert runtime.fused_map
+    fused = runtime.score_with_map(x)
+    monkeypatch.setattr(ModelRuntime, "fused_map", property(lambda self: False))
+    apart = runtime.score_with_map(x)
+    for one, two in zip(fused, apart, strict=True):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+    assert apart[1].shape == (5, 8, 8)
 
 
 def copy_artifact(source: Path, folder: Path, sidecar: bool = True) -> Path:

@@ -74,4 +74,4 @@ def test_command_line(artifact_copy: Path) -> None:
     assert "score excess, 270 calibration scores" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "training", "calibrate", str(artifact_copy), "--score", "x"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "error: --score must be one of" in bad.stderr
+    assert bad.returncode == 2 and "--score: invalid choice: 'x' (choose from 'recon'" in bad.stderr

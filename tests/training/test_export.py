@@ -86,12 +86,33 @@ def test_scripted_methods_equal_eager(config: VAEConfig, tmp_path: Path) -> None
     scripted = torch.jit.load(str(path))
     x = torch.rand(5, config.channels, config.height, config.width)
     with torch.no_grad():
-        for name in ("encode", "forward", "reconstruction_error", "score", "anomaly_map", "excess_map", "local_map"):
+        for name in ("encode", "forward", "reconstruction_error", "score", "anomaly_map", "excess_map", "local_map",
+                     "score_with_map"):
             torch.testing.assert_close(getattr(eager, name)(x), getattr(scripted, name)(x), rtol=0, atol=0)
         z = torch.randn(4, config.latent_dim)
         torch.testing.assert_close(eager.decode(z), scripted.decode(z), rtol=0, atol=0)
         for kind in SCORE_KINDS:
             torch.testing.assert_close(eager.score_by(x, kind), scripted.score_by(x, kind), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", SCORE_KINDS)
+def test_score_with_map_equals_score_and_anomaly_map(kind: str, tmp_path: Path) -> None:
+    """The service's `?map=true` calls one method: it must give exactly what the two calls give,
+    for every default kind, scripted as served."""
+    torch.manual_seed(0)
+    eager = ServableVAE(build_vae(VAEConfig("conv", 1, 28, 28, 4, (32,), (16, 16), "gaussian")), kind, 4).eval()
+    eager.fit_local(torch.rand(48, 1, 28, 28), torch.rand(24, 1, 28, 28))
+    path = tmp_path / "m.pt"
+    torch.jit.script(eager).save(str(path))
+    scripted = torch.jit.load(str(path))
+    x = torch.rand(6, 1, 28, 28)
+    x[0, :, 5:15, 5:15] = 0.5                      # a flat square, so the maps are not all alike
+    with torch.no_grad():
+        for module in (eager, scripted):
+            scores, maps = module.score_with_map(x)
+            torch.testing.assert_close(scores, module.score(x), rtol=0, atol=0)
+            torch.testing.assert_close(maps, module.anomaly_map(x), rtol=0, atol=0)
+            assert maps.shape == (6, 28, 28) and maps.abs().sum() > 0
 
 
 def test_scores_do_not_depend_on_the_batch(digits_artifact: Path) -> None:
