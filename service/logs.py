@@ -1,17 +1,26 @@
 """Logs as one JSON object per line, for log shippers: the standard logging module with a JSON
 formatter. A record's `fields` extra (the access log's method, path, status, ...) is merged into
-the object; a traceback, when there is one, goes in `exception` as one string."""
+the object; a traceback, when there is one, goes in `exception` as one string.
+
+Records are formatted and written on a thread of their own (the standard QueueHandler and
+QueueListener), so the event loop never waits on the log stream: neither on a slow pipe (a
+container's log driver) nor on the formatting of the access line written for every request.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 _HANDLER_NAME = "vae-json"
+MAX_QUEUED_RECORDS = 10_000     # past this the stream is stuck: records are counted and dropped, not held
 
 
 class JSONFormatter(logging.Formatter):
@@ -31,14 +40,45 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr for every logger, uvicorn's included (they propagate to the root).
-    Idempotent: each server process (one per worker) calls it once."""
+class HandOff(logging.handlers.QueueHandler):
+    """Queues records for the writer thread. The message is resolved here, on the caller's thread,
+    so later changes to its arguments cannot alter it; the JSON and the write happen on the writer's.
+    A full queue drops records and counts them; the next record that fits reports how many."""
+
+    def __init__(self, records: queue.Queue) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                self.queue.put_nowait(logging.makeLogRecord({
+                    "name": "service.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": f"{self.dropped} log records dropped: the log stream did not keep up"}))
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """JSON lines on stderr (or `stream`) for every logger, uvicorn's included (they propagate to the
+    root), written by a thread that is flushed at exit. Idempotent: each server process (one per
+    worker) calls it once."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     if any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JSONFormatter())
-    root.addHandler(handler)
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(JSONFormatter())
+    records: queue.Queue = queue.Queue(MAX_QUEUED_RECORDS)
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    atexit.register(listener.stop)          # writes what is queued before the process ends
+    handoff = HandOff(records)
+    handoff.set_name(_HANDLER_NAME)
+    root.addHandler(handoff)

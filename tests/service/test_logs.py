@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
+import subprocess
 import sys
 
 import httpx
 import numpy as np
 import pytest
 
-from service.logs import JSONFormatter
+from service.logs import HandOff, JSONFormatter
 from tests.service.conftest import png_bytes
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "method", "path", "status", "duration_ms", "client",
@@ -54,3 +56,31 @@ def test_the_formatter_keeps_tracebacks_on_one_line() -> None:
         record = logging.LogRecord("service", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
     entry = json.loads(JSONFormatter().format(record))
     assert entry["message"] == "failed here" and "ValueError: boom" in entry["exception"]
+
+
+def test_records_are_written_by_their_own_thread_and_flushed_at_exit() -> None:
+    """The event loop hands records over; the writer thread formats them, and what is still queued
+    when the process ends is written, traceback included."""
+    program = ("import logging; from service.logs import configure_logging; configure_logging('info'); "
+               "log = logging.getLogger('service.test'); "
+               "[log.info('line %d of %s', i, 'many') for i in range(500)]; "
+               "exec('try:\\n raise ValueError(\"boom\")\\nexcept ValueError:\\n log.exception(\"failed\")')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["message"] for e in entries[:500]] == [f"line {i} of many" for i in range(500)]
+    assert entries[500]["message"] == "failed" and "ValueError: boom" in entries[500]["exception"]
+
+
+def test_a_stuck_log_stream_drops_records_and_says_how_many() -> None:
+    records: queue.Queue = queue.Queue(2)
+    handoff = HandOff(records)
+    log = logging.getLogger("service.test.handoff")
+    for i in range(5):
+        handoff.handle(log.makeRecord(log.name, logging.INFO, __file__, 1, "record %d", (i,), None))
+    assert handoff.dropped == 3 and records.qsize() == 2          # nothing blocked, nothing grew
+    assert [records.get_nowait().getMessage() for _ in range(2)] == ["record 0", "record 1"]
+    handoff.handle(log.makeRecord(log.name, logging.INFO, __file__, 1, "record %d", (5,), None))
+    warning, after = records.get_nowait(), records.get_nowait()
+    assert warning.levelno == logging.WARNING and warning.getMessage().startswith("3 log records dropped")
+    assert after.getMessage() == "record 5" and handoff.dropped == 0
