@@ -94,7 +94,9 @@ def anomaly_verdicts(runtime: ModelRuntime, scores: np.ndarray, fpr: float, metr
         raise BadInput(str(error)) from None
     scores = scores.astype(np.float64)
     p_values, flagged = runtime.p_values(scores), scores > threshold
-    metrics.anomalies.inc(int(flagged.sum()))
-    results = [{"score": float(s), "p_value": float(p), "is_anomaly": bool(f)}
-               for s, p, f in zip(scores, p_values, flagged, strict=True)]
+    if flagged.any():                   # a shared counter's write is not free: only when it moves
+        metrics.anomalies.inc(int(flagged.sum()))
+    # .tolist() makes Python floats and bools in one call each, rather than one numpy scalar per value
+    results = [{"score": s, "p_value": p, "is_anomaly": f}
+               for s, p, f in zip(scores.tolist(), p_values.tolist(), flagged.tolist(), strict=True)]
     return {"threshold": threshold, "fpr": fpr, "score_kind": runtime.score_kind, "results": results}
