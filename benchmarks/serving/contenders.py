@@ -217,8 +217,8 @@ def build(setup: Setup, install_log: Path) -> list[Contender]:
                            batch_note="n/a (one request is one handler input)", ready_timeout_s=180.0,
                            prepare=prepare_torchserve)
     fast_floor = Contender("http-floor-uvloop", "HTTP floor, uvloop", SCORE_PATH, "one",
-                           "the same floor_app.py under uvicorn --loop uvloop --http httptools (LitServe's venv): "
-                           "what the HTTP stack would cost with uvicorn[standard]", start_fast_floor, batch_note="n/a")
+                           "the same floor_app.py under uvicorn --loop uvloop --http httptools in LitServe's venv: "
+                           "the same stack as the floor above, measured again", start_fast_floor, batch_note="n/a")
     for peer in (litserve, torchserve):
         try:
             python = envs.ensure_venv(peer.key, install_log)

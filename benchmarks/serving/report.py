@@ -176,8 +176,9 @@ def http_floor(results: Results, floor_bytes: int) -> list[str]:
     lines = ["## HTTP floor", "",
              f"A raw ASGI app (no framework) reading the body and answering a constant {floor_bytes}-byte JSON (the "
              "size of our answer for this image): the HTTP cost without any work. `HTTP floor` runs under the same "
-             "uvicorn as ours (asyncio loop, h11 parser: uvloop and httptools are not installed in the project "
-             "venv); `HTTP floor, uvloop` under uvicorn with uvloop and httptools, as uvicorn[standard] gives.", ""]
+             "uvicorn and venv as ours (loop and parser auto: uvloop and httptools, which the project installs); "
+             "`HTTP floor, uvloop` is the same app in LitServe's venv with `--loop uvloop --http httptools` named: "
+             "a second measurement of the same stack, which shows how far two runs of one thing differ here.", ""]
     for key, label in (("http-floor", "HTTP floor"), ("http-floor-uvloop", "HTTP floor, uvloop")):
         for connections in results.levels:
             run = pick(results.of(key, connections))
