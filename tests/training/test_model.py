@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig, conv_stages, resolve
-from training.model import MLPVAE, ConvVAE, VAEConfig, build_vae
+from training.model import MLPVAE, ConvVAE, ToImage, VAEConfig, build_vae
 
 SEED_MLP = VAEConfig("mlp", 1, 8, 8, 2, (16,), (), "bernoulli")
 
@@ -73,3 +73,19 @@ def test_seed_initialisation_scales() -> None:
     first = vae.encoder[0].weight
     assert abs(first.std().item() - math.sqrt(2 / 1024)) < 0.1 * math.sqrt(2 / 1024)    # He
     assert torch.count_nonzero(vae.encoder[0].bias) == 0
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "side"), [(32, 1, 14), (16, 3, 32)])
+def test_to_image_is_the_transposed_conv_it_replaces(c_in: int, c_out: int, side: int) -> None:
+    """Same output and gradients as nn.ConvTranspose2d with its parameters, to float rounding."""
+    torch.manual_seed(0)
+    layer = ToImage(c_in, c_out)
+    x = torch.randn(3, c_in, side, side, requires_grad=True)
+    ours = layer(x)
+    reference = torch.nn.functional.conv_transpose2d(x, layer.weight, layer.bias, stride=2, padding=1)
+    assert ours.shape == (3, c_out, 2 * side, 2 * side)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(torch.autograd.grad(ours.square().sum(), (x, layer.weight, layer.bias)),
+                            torch.autograd.grad(reference.square().sum(), (x, layer.weight, layer.bias)), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.jit.script(layer)(x), ours, rtol=0, atol=0)
