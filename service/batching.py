@@ -210,33 +210,17 @@ class Batcher:
         model_seconds = time.perf_counter() - started
         images = sum(i.images for i in batch)
         self._queued_images -= images
-        self._record(images, [started - i.enqueued for i in batch], model_seconds)
+        self._update_speed(model_seconds / images)
+        if images == 1:
+            self._lone_image_seconds = moving_average(self._lone_image_seconds, model_seconds)
         start = 0
         for item in batch:
             end = start + item.images
             if not item.future.done():
                 item.future.set_result(tuple(outputs) if len(batch) == 1 else tuple(out[start:end] for out in outputs))
             start = end
-
-    def run_alone(self, inputs: Tensor) -> tuple[Tensor, ...] | None:
-        """Run a one-image request at once, in the caller, when nothing could join its batch: the
-        caller knows no other request is under way, and the model is idle with nobody queued. None
-        (and nothing done) otherwise: submit it. Skips the queue's turns of the event loop."""
-        if self._running or not self._quick_enough(len(inputs)):
-            return None
-        self._admit(1)                          # refuses while stopping, as submit does
-        started = time.perf_counter()
-        outputs = tuple(self._call([inputs]))
-        self._record(1, [0.0], time.perf_counter() - started)
-        return outputs
-
-    def _record(self, images: int, queue_seconds: list[float], model_seconds: float) -> None:
-        """A batch done: the speed estimates (admission, inline runs) and the metrics."""
-        self._update_speed(model_seconds / images)
-        if images == 1:
-            self._lone_image_seconds = moving_average(self._lone_image_seconds, model_seconds)
         if self._on_batch is not None:
-            stats = BatchStats(images, len(queue_seconds), queue_seconds, model_seconds)
+            stats = BatchStats(images, len(batch), [started - i.enqueued for i in batch], model_seconds)
             with contextlib.suppress(Exception):            # a metric never fails a request
                 self._on_batch(self.name, stats)
 
@@ -247,11 +231,8 @@ class Batcher:
     def _runs_inline(self, batch: list[_Item]) -> bool:
         """One request of one image, no other batch running (this one's own task aside), nobody
         queued, and a short model call."""
-        return len(batch) == 1 and len(self._running) <= 1 and self._quick_enough(batch[0].images)
-
-    def _quick_enough(self, images: int) -> bool:
-        """One image, nobody queued, and one-image calls known to take less than `inline_seconds`."""
-        return (self.inline_seconds > 0 and images == 1 and self._carry is None and self._queue.empty()
+        return (self.inline_seconds > 0 and len(batch) == 1 and batch[0].images == 1 and len(self._running) <= 1
+                and self._carry is None and self._queue.empty()
                 and self._lone_image_seconds <= self.inline_seconds)
 
     def _call(self, inputs: list[Tensor]) -> Sequence[Tensor]:

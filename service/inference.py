@@ -69,18 +69,10 @@ class Inference:
         await self.stop()
 
     async def run(self, operation: str, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Queue (k, ...) inputs for an operation and return its outputs as arrays, each (k, ...).
-        The only request under way runs at once if it is one image (`Batcher.run_alone`)."""
-        batcher, x = self.batchers[operation], torch.from_numpy(inputs)
-        outputs = batcher.run_alone(x) if self.users == 1 else None
-        if outputs is None:
-            outputs = await self._queued(batcher, x)
-        return tuple(np.ascontiguousarray(out.numpy()) for out in outputs)    # orjson needs C order
-
-    async def _queued(self, batcher: Batcher, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queue (k, ...) inputs for an operation and return its outputs as arrays, each (k, ...)."""
         try:
             async with asyncio.timeout(self.model_timeout):     # the deadline: no late answers
-                return await batcher.submit(x)
+                outputs = await self.batchers[operation].submit(torch.from_numpy(inputs))
         except TimeoutError:
             self.metrics.rejected.inc()
             raise Overloaded(f"the model did not answer within {self.model_timeout:g} s (VAE_MODEL_TIMEOUT_S); "
@@ -88,3 +80,4 @@ class Inference:
         except Overloaded:
             self.metrics.rejected.inc()
             raise
+        return tuple(np.ascontiguousarray(out.numpy()) for out in outputs)    # orjson needs C order

@@ -143,46 +143,6 @@ def test_a_failing_lone_request_on_the_event_loop_fails_alone() -> None:
     assert isinstance(error, ValueError) and torch.equal(doubled, 2 * requests_of([1])[0] + 1)
 
 
-def test_the_only_request_runs_at_once_in_the_caller_and_otherwise_is_queued() -> None:
-    """run_alone: one image, the model idle and nobody queued, runs in the caller's own task with no
-    queue wait; anything else is left to submit, untouched."""
-    loop_thread = threading.current_thread().name
-
-    async def go(batcher: Batcher):
-        lone = batcher.run_alone(requests_of([1])[0])
-        pair = batcher.run_alone(requests_of([2])[0])                  # two images: not alone
-        queued = batcher.submit(requests_of([1])[0])
-        waiting = asyncio.ensure_future(queued)
-        await asyncio.sleep(0)                                          # it is in the queue now
-        behind = batcher.run_alone(requests_of([1])[0])
-        await waiting
-        with pytest.raises(ValueError, match="NaN"):
-            batcher.run_alone(torch.full((1, 3), float("nan")))
-        after = batcher.run_alone(requests_of([1])[0])
-        return lone, pair, behind, after
-
-    (lone, pair, behind, after), model, stats = run(go, max_images=64, max_wait=0.05, inline_seconds=0.5)
-    assert torch.equal(lone[0], 2 * requests_of([1])[0] + 1) and torch.equal(after[0], lone[0])
-    assert pair is None and behind is None
-    assert model.batches == [1, 1, 1] and model.threads[0] == loop_thread
-    assert stats[0].queue_seconds == [0.0] and stats[0].images == 1
-
-    async def never(batcher: Batcher):
-        return batcher.run_alone(requests_of([1])[0])
-
-    alone, model, _ = run(never)                                      # inline_seconds 0: never in the caller
-    assert alone is None and model.batches == []
-
-
-def test_run_alone_refuses_once_stopping() -> None:
-    async def go(batcher: Batcher):
-        await batcher.stop()
-        with pytest.raises(NotReady):
-            batcher.run_alone(requests_of([1])[0])
-
-    run(go, inline_seconds=0.5)
-
-
 def test_batches_run_side_by_side_up_to_the_concurrency() -> None:
     inputs = requests_of([2, 2, 2, 2])
 
