@@ -10,8 +10,11 @@ the model fails by itself.
 
 A lone one-image request, with the model idle and nobody queued behind it, runs right on the event
 loop instead of a model thread (`inline_seconds`): the hop to a thread and back, and the caches
-gone cold on an idle core, cost as much as the model call itself. It runs in the batching loop's
-own task, not one of its own, which saves a turn of the event loop. Only while such calls are known
+gone cold on an idle core, cost as much as the model call itself. The decision waits for the
+batch's own task to start, a turn of the event loop after the batch was cut: requests that arrive
+in that turn send it to a model thread instead, and the loop goes on reading them. (With the
+decision taken at once, and the only request under way run in its caller, calls stayed inline under
+load, in batches of one image: benchmarks/results/serving-1016.md.) Only while such calls are known
 to take less than `inline_seconds`, so the loop is never held for long.
 
 Requests that would wait longer than `max_queue_wait` for the model, or that would take the
@@ -170,9 +173,6 @@ class Batcher:
             batch = [item for item in batch if not item.future.done()]
             if not batch:
                 self._slots.release()
-                continue
-            if not self._running and self._runs_inline(batch):    # a task of its own would cost a loop turn
-                await self._run_batch(batch)
                 continue
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._running.add(task)
