@@ -15,7 +15,7 @@ import logging.handlers
 import queue
 import sys
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any
 
 import orjson
 
@@ -65,15 +65,15 @@ class HandOff(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> None:
-    """JSON lines on stderr (or `stream`) for every logger, uvicorn's included (they propagate to the
-    root), written by a thread that is flushed at exit. Idempotent: each server process (one per
-    worker) calls it once."""
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for every logger, uvicorn's included (they propagate to the root),
+    written by a thread that is flushed at exit. Idempotent: each server process (one per worker)
+    calls it once."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     if any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
         return
-    writer = logging.StreamHandler(stream or sys.stderr)
+    writer = logging.StreamHandler(sys.stderr)
     writer.setFormatter(JSONFormatter())
     records: queue.Queue = queue.Queue(MAX_QUEUED_RECORDS)
     listener = logging.handlers.QueueListener(records, writer)

@@ -198,8 +198,8 @@ class ServableVAE(nn.Module):
 
     def _local_spread(self, windows: list[Tensor], height: int, width: int) -> Tensor:
         """The `local` half of the map (B, H, W): window distances above expectation, spread over their pixels."""
-        spread = [density.spread(windows[i], height, width) for i, density in enumerate(self.local)]
-        spread = torch.stack(spread).mean(0)
+        per_scale = [density.spread(windows[i], height, width) for i, density in enumerate(self.local)]
+        spread = torch.stack(per_scale).mean(0)
         return (spread - self.local_expected).clamp(min=0.0) / self.combined_scale[1]
 
     def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
