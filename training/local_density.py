@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .model import transposed_conv_by_fold
+
 FEATURES = 11
 FLOOR = (1.0 / 255.0) ** 2    # an 8-bit grey step, squared: below it a window counts as flat
 SHRINK = 0.1                  # weight of the covariance averaged over positions
@@ -90,8 +92,8 @@ class LocalDensity(nn.Module):
         rows = (height - self.window) // self.stride + 1
         grid = distances.view(-1, 1, rows, distances.shape[1] // rows)
         kernel = torch.ones(1, 1, self.window, self.window, dtype=grid.dtype)
-        total = F.conv_transpose2d(grid, kernel, stride=self.stride)
-        covering = F.conv_transpose2d(torch.ones_like(grid), kernel, stride=self.stride)
+        total = transposed_conv_by_fold(grid, kernel, self.stride)
+        covering = transposed_conv_by_fold(torch.ones_like(grid[:1]), kernel, self.stride)    # the same for every image
         spread = total / covering
         missing = [0, width - spread.shape[3], 0, height - spread.shape[2]]
         return F.pad(spread, missing, mode="replicate").squeeze(1)

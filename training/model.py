@@ -169,20 +169,29 @@ def _up_stage(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class ToImage(nn.ConvTranspose2d):
-    """The last 4x4 stride-2 transposed conv, onto the image's 1 or 3 channels, as one matrix product
-    and a fold (col2im). The parameters and the result are nn.ConvTranspose2d's (to float rounding),
-    but oneDNN's kernel is slow with so few output channels: for 32 -> 1 channels at 14x14 -> 28x28,
-    153 against 26 µs for one image and 3.2 against 0.6 ms for 64 (torch 2.13, one thread)."""
+    """The last 4x4 stride-2 transposed conv, onto the image's 1 or 3 channels, computed by
+    `transposed_conv_by_fold`: the parameters and the result are nn.ConvTranspose2d's (to float
+    rounding), without oneDNN's slow kernel for so few output channels."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(c_in, c_out, 4, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c_in, h, w = x.shape
         bias = self.bias
         assert bias is not None                      # always built with one; TorchScript needs telling
-        columns = torch.matmul(self.weight.reshape(c_in, -1).t(), x.reshape(b, c_in, h * w))  # (B, C*16, H*W)
-        return F.fold(columns, (2 * h, 2 * w), 4, padding=1, stride=2) + bias.view(1, -1, 1, 1)
+        return transposed_conv_by_fold(x, self.weight, 2, 1) + bias.view(1, -1, 1, 1)
+
+
+def transposed_conv_by_fold(x: Tensor, weight: Tensor, stride: int, padding: int = 0) -> Tensor:
+    """`F.conv_transpose2d(x, weight, stride=stride, padding=padding)`, no bias, as one matrix
+    product and a fold (col2im). oneDNN's kernel is slow onto few output channels: for 32 -> 1
+    channels at 14x14 -> 28x28, 153 against 26 µs for one image and 3.2 against 0.6 ms for 64
+    (torch 2.13, one thread); onto many channels it is the faster one."""
+    b, c_in, h, w = x.shape
+    k_h, k_w = weight.shape[2], weight.shape[3]
+    columns = torch.matmul(weight.reshape(c_in, -1).t(), x.reshape(b, c_in, h * w))      # (B, C_out*k*k, H*W)
+    size = [(h - 1) * stride - 2 * padding + k_h, (w - 1) * stride - 2 * padding + k_w]
+    return F.fold(columns, size, [k_h, k_w], padding=padding, stride=stride)
 
 
 def build_vae(config: VAEConfig) -> VAE:
