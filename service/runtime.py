@@ -127,11 +127,15 @@ class ModelRuntime:
         return hasattr(self.module, "score_with_map")
 
     def warm_up(self, rounds: int = 3) -> float:
-        """Run every method a few times so the first request pays no first-call cost; returns seconds."""
+        """Run every call the service makes a few times, so no request pays TorchScript's first-call
+        cost (profiling, then optimising the graph: 20 to 50 ms per method here, far more on a busy
+        machine, and enough to make the batcher think the model slow); returns seconds. `score` needs
+        its own calls: `score_with_map` is a separate scripted method."""
         started = time.perf_counter()
         x = torch.rand(2, *self.input_shape, generator=torch.Generator().manual_seed(0))
         for _ in range(rounds):
             self.reconstruct(x)
+            self.score(x)
             self.score_with_map(x)
             self.decode(self.encode(x)[0])
         return time.perf_counter() - started

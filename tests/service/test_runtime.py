@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -68,6 +69,33 @@ def test_scores_and_maps_are_alike_from_one_call_or_two(runtime: ModelRuntime, m
     for one, two in zip(fused, apart, strict=True):
         torch.testing.assert_close(one, two, rtol=0, atol=0)
     assert apart[1].shape == (5, 8, 8)
+
+
+class CallRecorder:
+    """Stands in for the scripted module and notes which of its methods get called."""
+
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
+        self.module, self.called = module, set()
+
+    def __getattr__(self, name: str) -> object:
+        self.called.add(name)
+        return getattr(self.module, name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.called.add("forward")
+        return self.module(x)
+
+
+def test_warm_up_calls_every_method_that_serving_calls(runtime: ModelRuntime) -> None:
+    """A method first called by a request costs it TorchScript's profiling and optimisation (and
+    the batcher a wrong idea of the model's speed): the warm-up must have called it already."""
+    warmed, served = CallRecorder(runtime.module), CallRecorder(runtime.module)
+    dataclasses.replace(runtime, module=warmed).warm_up(rounds=1)
+    serving = dataclasses.replace(runtime, module=served)
+    x = torch.rand(3, *runtime.input_shape)
+    serving.reconstruct(x), serving.score(x), serving.score_with_map(x), serving.decode(serving.encode(x)[0])
+    assert served.called <= warmed.called, f"not warmed up: {served.called - warmed.called}"
+    assert {"score", "score_with_map", "encode", "decode", "forward"} <= served.called
 
 
 def copy_artifact(source: Path, folder: Path, sidecar: bool = True) -> Path:
