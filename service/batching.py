@@ -19,8 +19,11 @@ to take less than `inline_seconds`, so the loop is never held for long.
 
 Requests that would wait longer than `max_queue_wait` for the model, or that would take the
 queue past `max_queued` images, are refused at once (`Overloaded`, a 503 with Retry-After), so a
-burst never grows latency or memory for everyone. Stopping drains: queued and running batches
-finish first, new requests are refused.
+burst never grows latency or memory for everyone. The wait is estimated from the median time per
+image of the last few batches, so one slow call (a pause, a busy neighbour) does not refuse the
+requests after it; and a request that fits, with everything queued and running, into one batch
+is never refused for its wait: it waits for one batch at most, and refusing it would spare nobody.
+Stopping drains: queued and running batches finish first, new requests are refused.
 This module knows nothing of HTTP or images.
 """
 
@@ -30,7 +33,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -82,8 +87,8 @@ class Batcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._carry: _Item | None = None         # took it from the queue, but it did not fit
         self._queued_images = 0
-        self._seconds_per_image = 0.0            # running estimate, for admission
-        self._lone_image_seconds = 0.0           # running estimate of a one-image call, for inline runs
+        self._seconds_per_image = RecentMedian()         # of whole batches, for admission
+        self._lone_image_seconds = RecentMedian()        # one-image calls, for inline runs
         self._task: asyncio.Task | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -125,11 +130,14 @@ class Batcher:
     def _admit(self, images: int) -> None:
         if self._closing:
             raise NotReady("the server is shutting down; retry on another replica")
+        seconds_per_image = self._seconds_per_image.value
         if self._queued_images and self._queued_images + images > self.max_queued:
-            drain_s = self._queued_images * self._seconds_per_image / self.concurrency
+            drain_s = self._queued_images * seconds_per_image / self.concurrency
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, the limit is "
                              f"{self.max_queued}); retry later", retry_after_s=math.ceil(drain_s))
-        expected_wait = (self._queued_images + images) * self._seconds_per_image / self.concurrency
+        if self._queued_images + images <= self.max_images:
+            return                                      # it runs in the next batch at the latest
+        expected_wait = (self._queued_images + images) * seconds_per_image / self.concurrency
         if self._queued_images and expected_wait > self.max_queue_wait:
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, about "
                              f"{expected_wait:.2g} s); retry later", retry_after_s=math.ceil(expected_wait))
@@ -210,9 +218,9 @@ class Batcher:
         model_seconds = time.perf_counter() - started
         images = sum(i.images for i in batch)
         self._queued_images -= images
-        self._update_speed(model_seconds / images)
+        self._seconds_per_image.add(model_seconds / images)
         if images == 1:
-            self._lone_image_seconds = moving_average(self._lone_image_seconds, model_seconds)
+            self._lone_image_seconds.add(model_seconds)
         start = 0
         for item in batch:
             end = start + item.images
@@ -224,16 +232,12 @@ class Batcher:
             with contextlib.suppress(Exception):            # a metric never fails a request
                 self._on_batch(self.name, stats)
 
-    def _update_speed(self, seconds_per_image: float) -> None:
-        """Admission follows the model's recent speed."""
-        self._seconds_per_image = moving_average(self._seconds_per_image, seconds_per_image)
-
     def _runs_inline(self, batch: list[_Item]) -> bool:
         """One request of one image, no other batch running (this one's own task aside), nobody
         queued, and a short model call."""
         return (self.inline_seconds > 0 and len(batch) == 1 and batch[0].images == 1 and len(self._running) <= 1
                 and self._carry is None and self._queue.empty()
-                and self._lone_image_seconds <= self.inline_seconds)
+                and self._lone_image_seconds.value <= self.inline_seconds)
 
     def _call(self, inputs: list[Tensor]) -> Sequence[Tensor]:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
@@ -243,6 +247,15 @@ class Batcher:
         return outputs
 
 
-def moving_average(previous: float, value: float) -> float:
-    """Exponential, weighting the newest value by 0.2; the first value (previous 0) stands alone."""
-    return value if not previous else 0.8 * previous + 0.2 * value
+class RecentMedian:
+    """The median of the last `size` values (0 before the first): it follows a lasting change
+    within a few values and ignores a single outlier, where a moving average would carry one slow
+    first call for dozens of batches."""
+
+    def __init__(self, size: int = 9) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self.value = 0.0
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+        self.value = statistics.median(self._values)

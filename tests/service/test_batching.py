@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.batching import Batcher, BatchStats
+from service.batching import Batcher, BatchStats, RecentMedian
 from service.errors import NotReady, Overloaded
 
 
@@ -186,12 +186,12 @@ def test_the_batcher_keeps_serving_after_a_failure() -> None:
 def test_a_bug_outside_the_model_fails_the_batch_and_keeps_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
 
-    def flaky_speed(self: Batcher, seconds_per_image: float) -> None:
+    def flaky_speed(self: RecentMedian, value: float) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("bookkeeping bug")
 
-    monkeypatch.setattr(Batcher, "_update_speed", flaky_speed)
+    monkeypatch.setattr(RecentMedian, "add", flaky_speed)
 
     async def go(batcher: Batcher):
         with pytest.raises(RuntimeError, match="bookkeeping bug"):
@@ -233,6 +233,38 @@ def test_overload_is_refused_at_once_with_retry_after() -> None:
                                        model=CountingModel(delay=0.2))
     assert seconds < 0.05 and int(error.headers["Retry-After"]) >= 1
     assert len(done) == 3 and all(d[0].shape == (4, 3) for d in done)
+
+
+def test_one_slow_call_does_not_refuse_the_requests_after_it() -> None:
+    """A first call that is slow (TorchScript optimising, a busy neighbour) is an outlier: once the
+    model runs at its usual speed again, a queue worth milliseconds is admitted."""
+    model = CountingModel(delay=0.5)
+
+    async def go(batcher: Batcher):
+        await batcher.submit(requests_of([4])[0])               # 0.125 s per image
+        model.delay = 0.001
+        for x in requests_of([4, 4, 4]):                        # 0.25 ms per image
+            await batcher.submit(x)
+        return await asyncio.gather(*(batcher.submit(x) for x in requests_of([4] * 4)))
+
+    done, _, _ = run(go, max_images=4, max_wait=0.0, max_queue_wait=0.2, model=model)
+    assert len(done) == 4 and all(d[0].shape == (4, 3) for d in done)
+
+
+def test_a_request_that_fits_in_the_next_batch_is_not_refused_for_its_wait() -> None:
+    """The estimate says 1.2 s for the queue, far over max_queue_wait, but the requests fit in
+    the next batch: refusing them would shorten nobody's wait."""
+
+    async def go(batcher: Batcher):
+        await batcher.submit(requests_of([4])[0])               # teaches it 0.1 s per image
+        waiting = [asyncio.ensure_future(batcher.submit(x)) for x in requests_of([4, 4, 4])]
+        await asyncio.sleep(0.01)                               # 4 running, 8 queued: 12 of 16
+        with pytest.raises(Overloaded):                         # 20 images: more than one batch
+            await batcher.submit(requests_of([8])[0])
+        return await asyncio.gather(*waiting)
+
+    done, model, _ = run(go, max_images=16, max_wait=0.0, max_queue_wait=0.2, model=CountingModel(delay=0.4))
+    assert len(done) == 3 and model.batches == [4, 12]
 
 
 def test_a_full_queue_is_refused_by_image_count() -> None:
