@@ -21,6 +21,7 @@ from . import workers
 from .auth import APIKeyMiddleware, KeyRing
 from .errors import ArtifactError, ServiceError
 from .fast_lane import AnomalyScoreLane
+from .logs import report_drops_to
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, InFlightLimitMiddleware, InternalErrorMiddleware, RequestMetricsMiddleware
 from .openapi import service_openapi
@@ -56,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workers.mark_served()
         log.info("serving %s (%s, sha256 %s…), warm-up %.2f s", loaded.runtime.name, path,
                  loaded.runtime.sha256[:12], loaded.warm_up_seconds)
+    report_drops_to(app.state.metrics.log_records_dropped.inc)
     freeze_long_lived()
     watchdog = asyncio.get_running_loop().create_task(workers.exit_with_the_supervisor()) if workers.several() else None
     hangup = install_reload_on_sighup(app)
@@ -68,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if watchdog is not None:
             watchdog.cancel()
         app.state.metrics.ready.set(0)
+        report_drops_to(None)
         await asyncio.gather(*app.state.retiring, return_exceptions=True)
         if app.state.inference is not None:
             await app.state.inference.stop()

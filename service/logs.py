@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,11 +44,13 @@ class JSONFormatter(logging.Formatter):
 class HandOff(logging.handlers.QueueHandler):
     """Queues records for the writer thread. The message is resolved here, on the caller's thread,
     so later changes to its arguments cannot alter it; the JSON and the write happen on the writer's.
-    A full queue drops records and counts them; the next record that fits reports how many."""
+    A full queue drops records and counts them; the next record that fits reports how many, and
+    `on_drop` (the app's counter in /metrics, where an alert can see it) hears of each one."""
 
     def __init__(self, records: queue.Queue) -> None:
         super().__init__(records)
         self.dropped = 0
+        self.on_drop: Callable[[], None] | None = None
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record.msg, record.args = record.getMessage(), None
@@ -63,6 +66,8 @@ class HandOff(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
 
 
 def configure_logging(level: str) -> None:
@@ -82,3 +87,10 @@ def configure_logging(level: str) -> None:
     handoff = HandOff(records)
     handoff.set_name(_HANDLER_NAME)
     root.addHandler(handoff)
+
+
+def report_drops_to(on_drop: Callable[[], None] | None) -> None:
+    """Have `on_drop` called for every record the log thread's full queue drops (None: stop)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, HandOff):
+            handler.on_drop = on_drop

@@ -46,6 +46,8 @@ class Metrics:
         self.in_flight = Gauge("vae_http_requests_in_flight", "HTTP requests being handled now", registry=r,
                                multiprocess_mode="livesum")
         self.reloads = Counter("vae_model_reloads", "model reloads by outcome", ["outcome"], registry=r)
+        self.log_records_dropped = Counter("vae_log_records_dropped",
+                                           "log records dropped because the log stream did not keep up", registry=r)
         self.ready = Gauge("vae_model_ready", "1 when a model is loaded and answering", registry=r,
                            multiprocess_mode="livemin")
         # a gauge at 1 rather than an Info, which prometheus-client cannot share between processes

@@ -9,13 +9,14 @@ import queue
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from service.logs import HandOff, JSONFormatter
-from tests.service.conftest import png_bytes
+from tests.service.conftest import png_bytes, serve
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "method", "path", "status", "duration_ms", "client",
           "bytes_in", "bytes_out"}
@@ -84,3 +85,20 @@ def test_a_stuck_log_stream_drops_records_and_says_how_many() -> None:
     warning, after = records.get_nowait(), records.get_nowait()
     assert warning.levelno == logging.WARNING and warning.getMessage().startswith("3 log records dropped")
     assert after.getMessage() == "record 5" and handoff.dropped == 0
+
+
+def test_dropped_records_are_counted_in_metrics(digits_artifact: Path) -> None:
+    """Operators alert on /metrics, not on a warning line in the very stream that is stuck."""
+    stuck = HandOff(queue.Queue(1))                     # like configure_logging's, full after one record
+    stuck.addFilter(lambda record: record.name == "service.test.stuck")      # only this test's records
+    root = logging.getLogger()
+    root.addHandler(stuck)
+    try:
+        with serve(model_path=digits_artifact) as url, httpx.Client(base_url=url) as http:
+            for i in range(4):
+                logging.getLogger("service.test.stuck").warning("record %d", i)
+            metrics = http.get("/metrics").text
+    finally:
+        root.removeHandler(stuck)
+    assert stuck.dropped == 3 and "vae_log_records_dropped_total 3.0" in metrics
+    assert stuck.on_drop is None                        # the stopped app counts no more
