@@ -9,13 +9,15 @@ import queue
 import re
 import subprocess
 import sys
+import time
+from io import StringIO
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from service.logs import HandOff, JSONFormatter
+from service.logs import HandOff, JSONFormatter, LogWriter
 from tests.service.conftest import png_bytes, serve
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "method", "path", "status", "duration_ms", "client",
@@ -102,3 +104,53 @@ def test_dropped_records_are_counted_in_metrics(digits_artifact: Path) -> None:
         root.removeHandler(stuck)
     assert stuck.dropped == 3 and "vae_log_records_dropped_total 3.0" in metrics
     assert stuck.on_drop is None                        # the stopped app counts no more
+
+
+def record(message: str, **fields: object) -> logging.LogRecord:
+    return logging.makeLogRecord({"name": "service.test", "levelno": logging.INFO, "levelname": "INFO",
+                                  "msg": message, "fields": fields})
+
+
+def test_the_writer_writes_queued_records_in_batches_not_one_by_one() -> None:
+    """Queueing a record wakes no thread (a wake-up per request cost more CPU than the model's share of
+    a small request): the writer writes what is queued when its interval comes, or when it stops."""
+    records: queue.Queue = queue.Queue()
+    stream = StringIO()
+    writer = LogWriter(records, stream, interval=60.0)
+    writer.start()
+    try:
+        for i in range(3):
+            records.put_nowait(record(f"line {i}"))
+        time.sleep(0.2)
+        assert stream.getvalue() == ""                   # a per-record writer would have written them
+    finally:
+        writer.stop()
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["line 0", "line 1", "line 2"]
+
+
+def test_the_writer_wakes_on_its_interval() -> None:
+    records: queue.Queue = queue.Queue()
+    stream = StringIO()
+    writer = LogWriter(records, stream, interval=0.02)
+    writer.start()
+    try:
+        records.put_nowait(record("soon"))
+        deadline = time.monotonic() + 5
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(stream.getvalue())["message"] == "soon"
+    finally:
+        writer.stop()
+
+
+def test_a_record_that_cannot_be_formatted_costs_only_its_own_line() -> None:
+    records: queue.Queue = queue.Queue()
+    stream = StringIO()
+    odd = record("odd")
+    odd.fields = {1: "a non-string key"}              # orjson refuses non-string keys
+    for item in (record("before"), odd, record("after")):
+        records.put_nowait(item)
+    assert LogWriter(records, stream).write_queued() == 3
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["message"] for e in (entries[0], entries[2])] == ["before", "after"]
+    assert entries[1]["level"] == "error" and "could not be formatted" in entries[1]["message"]
