@@ -92,9 +92,11 @@ class LogWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued and end the thread; a stream stuck for `timeout` seconds (a full
+        pipe nobody reads) is left behind rather than holding the process at exit."""
         self._stopping.set()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):

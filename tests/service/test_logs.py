@@ -9,6 +9,7 @@ import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from io import StringIO
 from pathlib import Path
@@ -154,3 +155,19 @@ def test_a_record_that_cannot_be_formatted_costs_only_its_own_line() -> None:
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [e["message"] for e in (entries[0], entries[2])] == ["before", "after"]
     assert entries[1]["level"] == "error" and "could not be formatted" in entries[1]["message"]
+
+
+def test_a_stuck_stream_does_not_hold_the_process_at_exit() -> None:
+    class StuckStream(StringIO):
+        def write(self, text: str) -> int:
+            threading.Event().wait()                    # a full pipe nobody reads
+            return 0
+
+    records: queue.Queue = queue.Queue()
+    records.put_nowait(record("never written"))
+    writer = LogWriter(records, StuckStream(), interval=0.01)
+    writer.start()
+    time.sleep(0.1)                                     # the writer is stuck in write() by now
+    started = time.monotonic()
+    writer.stop(timeout=0.2)
+    assert time.monotonic() - started < 2
