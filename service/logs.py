@@ -7,7 +7,7 @@ log stream: neither on a slow pipe (a container's log driver) nor on the formatt
 line written for every request. The event loop only puts each record on a queue (the standard
 QueueHandler). The writer thread does not wait on that queue, which would wake it for every record:
 a wake-up per request, and the two threads taking the interpreter lock from each other, cost 0.13
-to 0.34 ms of CPU per request here (README, Benchmarks), a tenth to a quarter of a small request's.
+to 0.34 ms of CPU per request here (README, Benchmarks), about a tenth of all the request cost.
 It wakes every `WRITE_INTERVAL_S` instead and writes everything queued in one go.
 """
 
