@@ -1,5 +1,5 @@
 """Command line: `python -m training train --data SOURCE --out PATH [options]`, and
-`python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH]`.
+`python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH] [--segmenter-steps N]`.
 
 The options are generated from `TrainConfig`, one per field, with its default in --help.
 """
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--data", default=None, help="known-good images, any --data source of `train` "
                            "(default: the artifact's own calibration split)")
     calibrate.add_argument("--out", default=None, help="where to write (default: over the artifact)")
+    calibrate.add_argument("--segmenter-steps", type=int, default=None, metavar="STEPS",
+                           help="batches to train the defect segmenter for, when --score learned or fused "
+                           "needs one the artifact lacks (default: 1500)")
     report = commands.add_parser("report", help="(re)write an artifact's report folder (plots and index.html) "
                                  "without retraining")
     report.add_argument("artifact", help="the artifact, e.g. models/digits.pt; writes models/digits-report/")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace, command: str) -> None:
         from .calibrate import calibrate, describe
 
         out = Path(args.out) if args.out else None
-        print(describe(calibrate(Path(args.artifact), out, args.score, args.data, command), out or args.artifact))
+        metadata = calibrate(Path(args.artifact), out, args.score, args.data, command, args.segmenter_steps)
+        print(describe(metadata, out or args.artifact))
     elif args.command == "report":
         from .report import regenerate_report
 

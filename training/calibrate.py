@@ -7,7 +7,8 @@ as its calibration, and optionally switch its default score kind.
 The weights are copied unchanged into a freshly scripted `ServableVAE` (so an artifact exported by
 an older version of this code gains the newer score kinds), the fixed score noise included, so the
 elbo and iwae scores stay what they were. An artifact exported before the `local` and `combined`
-kinds existed gets their statistics fitted on its own training split (rebuilt from its config).
+kinds existed gets their statistics fitted on its own training split (rebuilt from its config); one
+switched to `learned` or `fused` without a defect segmenter gets one trained there likewise.
 Without --data the calibration images are the artifact's own calibration split, rebuilt likewise.
 """
 
@@ -22,10 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import AUTO_DEFAULTS
 from .data import Splits, load_source
-from .export import artifact_splits, export_artifact, fit_local_statistics, load_artifact, local_settings
+from .export import (
+    artifact_splits,
+    export_artifact,
+    fit_defect_segmenter,
+    fit_local_statistics,
+    load_artifact,
+    local_settings,
+    segmenter_settings,
+)
 from .model import VAEConfig, build_vae
-from .scoring import LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
+from .scoring import LEARNED_KINDS, LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
+from .segmenter import WIDTH
 
 
 def architecture_of(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -39,8 +50,9 @@ def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], s
     """An eager `ServableVAE` with the scripted module's weights and score noise."""
     vae = build_vae(VAEConfig(**architecture_of(metadata)))
     peak = metadata["score"].get("peak", {})
-    servable = ServableVAE(vae, score_kind, metadata["score"]["samples"],
-                           peak_window=peak.get("window", PEAK_WINDOW), peak_share=peak.get("share", PEAK_SHARE))
+    width = metadata["score"].get("segmenter", {}).get("width", WIDTH)
+    servable = ServableVAE(vae, score_kind, metadata["score"]["samples"], peak_window=peak.get("window", PEAK_WINDOW),
+                           peak_share=peak.get("share", PEAK_SHARE), segmenter_width=width)
     servable.load_trained(module.state_dict())
     return servable.eval()
 
@@ -69,9 +81,26 @@ def calibration_images(metadata: dict[str, Any], data: str | None,
     return load_source(data, shape["height"], shape["channels"]).images, data
 
 
+def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
+                     kind: str, steps: int | None) -> int:
+    """Train the defect segmenter of an artifact exported without one, on its own training split,
+    for `steps` batches (None: the conv default). Returns the steps trained."""
+    steps = AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
+    if steps <= 0:
+        raise ValueError(f"--score {kind} needs the defect segmenter: --segmenter-steps must be above 0")
+    try:
+        splits = own_splits()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--score {kind} needs the artifact's training data to train its defect segmenter, "
+                         f"and it could not be loaded: {error}") from error
+    fit_defect_segmenter(servable, splits, steps, metadata["training"]["config"].get("seed", 0))
+    return steps
+
+
 def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None, data: str | None = None,
-              command: str = "") -> dict[str, Any]:
-    """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata."""
+              command: str = "", segmenter_steps: int | None = None) -> dict[str, Any]:
+    """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata.
+    A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`)."""
     module, metadata = load_artifact(path)
     kind = score_kind or metadata["calibration"]["score_kind"]
     if kind not in SCORE_KINDS:
@@ -83,6 +112,9 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     servable = rebuild_servable(module, metadata, kind)
     if not servable.local_fitted:
         fit_or_explain(servable, metadata, own_splits, kind)
+    trained = int(servable.segmenter_steps)
+    if kind in LEARNED_KINDS and not servable.segmenter_trained:
+        trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {
         "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]
@@ -92,6 +124,7 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     kept["score"] = {**metadata["score"], "peak": {"window": servable.peak_window, "share": servable.peak_share}}
     if servable.local_fitted:
         kept["score"]["local"] = local_settings(servable.vae.config)
+    kept["score"]["segmenter"] = segmenter_settings(trained, servable.vae.config, width=servable.segmenter.width)
     return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
 
 

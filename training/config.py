@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .scoring import SCORE_KINDS
+from .scoring import LEARNED_KINDS, SCORE_KINDS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -53,9 +53,11 @@ class TrainConfig:
     threads: int | None = _opt(None, "torch threads per process (auto: 1 mlp, whose tiny matrices only "
                                      "wait for a second core; all cores for conv)")
     # ---- scoring and output ---------------------------------------------------------------
-    score: str | None = _opt(None, "default anomaly score: recon, elbo, iwae, excess, peak, local or "
-                                   "combined (auto: excess for the mlp's small images, combined for conv)")
+    score: str | None = _opt(None, "default anomaly score: recon, elbo, iwae, excess, peak, local, combined, "
+                                   "learned or fused (auto: excess for the mlp's small images, fused for conv)")
     score_samples: int = _opt(16, "fixed latent samples the elbo/iwae scores average over")
+    segmenter_steps: int | None = _opt(None, "batches the defect segmenter of the learned and fused scores "
+                                             "trains for (0: none; auto: 0 mlp, 1500 conv)")
     checkpoint_every: int = _opt(1, "write a checkpoint every N epochs (0: never)")
     resume: bool = _opt(False, "continue from the checkpoint beside --out")
     name: str | None = _opt(None, "model name in the metadata (auto: the file's stem)")
@@ -74,14 +76,15 @@ class TrainConfig:
 
 # The auto defaults: the seed's configuration for small images, a conv VAE above. The score:
 # on a small image any defect is a large part of it, so the whole-image `excess` is the better
-# test there; on larger ones `combined` adds what `peak` sees (a small defect, undiluted by the
-# clean rest) to what `local` sees (detail removed), measured best over defects, textures and
-# one-class novelty together (`python -m training.evaluate`).
+# test there; on larger ones `fused` adds what `peak` sees (a small defect, undiluted by the
+# clean rest), what `local` sees (detail removed) and what the defect segmenter learned to see
+# (a stain or blur the reconstruction shares), measured over defects, textures and one-class
+# novelty together (`python -m training.evaluate`).
 AUTO_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (16,), "latent_dim": 2, "epochs": 201, "batch_size": 32, "patience": 0, "threads": 1,
-            "score": "excess"},
-    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5, "score": "combined",
-             "threads": os.cpu_count() or 1},
+            "score": "excess", "segmenter_steps": 0},
+    "conv": {"hidden": (256,), "latent_dim": 16, "epochs": 30, "batch_size": 64, "patience": 5, "score": "fused",
+             "threads": os.cpu_count() or 1, "segmenter_steps": 1500},
 }
 MLP_MAX_PIXELS = 16 * 16
 
@@ -109,7 +112,11 @@ def resolve(config: TrainConfig, height: int, width: int) -> TrainConfig:
             raise ValueError(f"a {height}x{width} image is too small or odd-sized for the conv VAE; "
                              "use --arch mlp or --image-size")
         chosen["conv_channels"] = tuple(min(32 * 2**i, 256) for i in range(stages))
-    return replace(config, arch=arch, **chosen)
+    resolved = replace(config, arch=arch, **chosen)
+    if resolved.score in LEARNED_KINDS and resolved.segmenter_steps == 0:
+        raise ValueError(f"--score {resolved.score} needs the defect segmenter, which the {arch} model does "
+                         "not train by default: add --segmenter-steps 1500")
+    return resolved
 
 
 def validate(config: TrainConfig) -> None:
@@ -123,6 +130,9 @@ def validate(config: TrainConfig) -> None:
         (config.beta >= 0, "--beta must be >= 0"),
         (config.lr > 0, "--lr must be > 0"),
         (config.score_samples >= 1, "--score-samples must be >= 1"),
+        (config.segmenter_steps is None or config.segmenter_steps >= 0, "--segmenter-steps must be >= 0"),
+        (config.score not in LEARNED_KINDS or config.segmenter_steps != 0,
+         f"--score {config.score} needs the defect segmenter: leave --segmenter-steps auto or above 0"),
         (min(config.val_fraction, config.cal_fraction, config.test_fraction) > 0
          and config.val_fraction + config.cal_fraction + config.test_fraction < 0.9,
          "--val/--cal/--test fractions must each be > 0 and leave at least 10% for training"),

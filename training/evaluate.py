@@ -209,11 +209,13 @@ def artifact_splits(metadata: dict[str, Any]) -> Splits:
 
 def with_current_scores(path: Path, cache: Path, kind: str | None = None) -> Path:
     """The artifact itself if it carries the local statistics and defaults to `kind` (None: its own
-    kind); else a recalibrated copy in the cache that does (same weights, statistics fitted on its
-    training split), so trainings cached by older code stay valid."""
+    kind); else a recalibrated copy in the cache that does (same weights, statistics fitted and, for
+    `learned` and `fused`, the defect segmenter trained on its training split), so trainings cached
+    by older code stay valid."""
     _, metadata = load_artifact(path)
     kind = kind or metadata["calibration"]["score_kind"]
-    if "local" in metadata["score"]["kinds"] and metadata["calibration"]["score_kind"] == kind:
+    kinds = metadata["score"]["kinds"]
+    if "local" in kinds and kind in kinds and metadata["calibration"]["score_kind"] == kind:
         return path
     upgraded = cache / f"{path.stem}-{kind}.pt"
     if not upgraded.exists() or upgraded.stat().st_mtime < path.stat().st_mtime:
@@ -232,7 +234,10 @@ def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
     """Train `config` into the cache unless an artifact of the same config is there already."""
     from .train import train
 
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    settings = config.to_dict()
+    if settings["segmenter_steps"] is None:     # auto: keeps the digests of trainings cached before the field
+        del settings["segmenter_steps"]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = cache / f"{stem}-{digest}.pt"
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -421,11 +426,12 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
         for band, patches in bands.items():
             if not files[band].exists():
                 np.save(files[band], patches)
-        path = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
-        calibrated = path.with_name(path.stem + "-calibrated.pt")
-        # onto the auto kind (combined: a texture defect may add detail or remove it) by recalibration,
-        # so trainings cached by older code stay valid
-        calibrate(path, calibrated, score_kind=auto_kind(path), data=str(files["cal"]),
+        trained = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
+        # onto the auto kind by recalibration (its segmenter trained once and cached), so trainings
+        # cached by older code stay valid
+        path = with_current_scores(trained, options.cache, auto_kind(trained))
+        calibrated = trained.with_name(trained.stem + "-calibrated.pt")
+        calibrate(path, calibrated, score_kind=auto_kind(trained), data=str(files["cal"]),
                   command="training.evaluate: the calibration band")
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
         found[name] = (load_context(calibrated, f"texture:{name}", options, cal), test)   # scaled as training does
@@ -684,7 +690,11 @@ def write_report(results: dict[str, Any], options: Options, command: str) -> Pat
              "`PCA KDE` (Gaussian kernel density on 16 whitened PCA components, bandwidth by 3-fold CV), "
              "`OC-SVM` (RBF, nu 0.05) and `IForest` (200 trees) on the same features. `vae:local` is a Gaussian "
              "over window statistics of the input, reconstruction and residual (`training.local_density`), "
-             "`vae:combined` is peak + local, each standardised on validation images.", ""]
+             "`vae:combined` is peak + local, each standardised on validation images. `vae:learned` reads the "
+             "defect segmenter (`training.segmenter`), trained on the training split's images with synthetic "
+             "corruptions (`training.corruptions`: noise-shaped blobs, lines and scattered pixels filled with "
+             "photograph crops, other images or flat tones), none of them the defects below; `vae:fused` is "
+             "peak + local + learned, each standardised on validation images.", ""]
     lines += targets_section(results, options.fpr)
     if "defects" in results:
         lines += ["## Synthetic defects", ""]

@@ -25,6 +25,8 @@ from .config import TrainConfig
 from .data import ImageSet, Splits, load_source, split_set
 from .local_density import windows_for
 from .scoring import LOCAL_SHARE, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
+from .segmenter import WIDTH as SEGMENTER_WIDTH
+from .segmenter import batch_size_for
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -74,6 +76,22 @@ def fit_local_statistics(servable: ServableVAE, splits: Splits, seed: int = 0) -
     servable.fit_local(torch.as_tensor(normal), torch.as_tensor(held_out))
 
 
+SEGMENTER_FIT_IMAGES = 20_000   # training images the segmenter's corrupted batches are drawn from, at most
+
+
+def fit_defect_segmenter(servable: ServableVAE, splits: Splits, steps: int, seed: int = 0,
+                         progress: bool = True) -> None:
+    """Train the `learned` and `fused` scores' segmenter on corrupted copies of (a sample of) the
+    training split, and standardise `fused` on the validation split, as `fit_local_statistics` does."""
+    rng = np.random.default_rng(seed + 1)
+    train = splits.train.images
+    normal = train[np.sort(rng.permutation(len(train))[:SEGMENTER_FIT_IMAGES])]
+    held_out = splits.val.images[:LOCAL_HELD_OUT_IMAGES]
+    if len(held_out) < 100:
+        held_out = normal[:LOCAL_HELD_OUT_IMAGES]
+    servable.fit_segmenter(torch.as_tensor(normal), torch.as_tensor(held_out), steps, seed, progress)
+
+
 def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: dict[str, Any],
                    metrics: dict[str, Any], history: list[dict[str, float]], command: str,
                    parameters: int) -> dict[str, Any]:
@@ -95,6 +113,7 @@ def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: 
         "architecture": {**asdict(vae_config), "parameters": parameters},
         "score": {"kind": config["score"], "kinds": list(SCORE_KINDS), "samples": config["score_samples"],
                   "peak": {"window": PEAK_WINDOW, "share": PEAK_SHARE}, "local": local_settings(vae_config),
+                  "segmenter": segmenter_settings(config.get("segmenter_steps") or 0, vae_config),
                   "higher_is_more_anomalous": True},
         "data": data,
         "metrics": metrics,
@@ -109,6 +128,13 @@ def local_settings(vae_config: Any) -> dict[str, Any]:
     return {"windows": [{"size": w, "stride": s} for w, s in windows_for(side)], "share": LOCAL_SHARE,
             "fitted_on": f"the training split (at most {LOCAL_FIT_IMAGES} images); standardised on the "
                          f"validation split (at most {LOCAL_HELD_OUT_IMAGES})"}
+
+
+def segmenter_settings(steps: int, vae_config: Any, width: int = SEGMENTER_WIDTH) -> dict[str, Any]:
+    """How the `learned` score's segmenter was trained, for a reader of the metadata (steps 0: not)."""
+    return {"steps": steps, "width": width, "batch_size": batch_size_for(vae_config.height, vae_config.width),
+            "trained_on": f"synthetic corruptions (training.corruptions) of at most {SEGMENTER_FIT_IMAGES} "
+                          "training-split images; none of the evaluation's defects"}
 
 
 def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,

@@ -18,9 +18,13 @@ Scores (higher = more anomalous, nats per image):
            Gaussian over local statistics of the input, reconstruction and residual at two window
            sizes: it rises for detail that is missing (blur, flattened material), not only added;
 - `combined`: peak + local, each first standardised on held-out normal images ((s - median) /
-           (99th percentile - median)), so each counts equally at its own 1% tail.
-`recon`, `excess`, `peak`, `local` and `combined` take one decoder pass; `elbo` and `iwae` take K + 1.
-`local` and `combined` need statistics fitted on normal images (`fit_local`); export fits them.
+           (99th percentile - median)), so each counts equally at its own 1% tail;
+- `learned`: the mean of the top `peak_share` of the defect segmenter's probability map
+           (`training.segmenter`, trained on synthetic corruptions) after the `peak_window` box average;
+- `fused`: peak + local + learned, each standardised on held-out normal images as for `combined`.
+`recon`, `excess`, `peak`, `local`, `combined`, `learned` and `fused` take one decoder pass; `elbo` and
+`iwae` take K + 1. `local` and `combined` need statistics fitted on normal images (`fit_local`),
+`learned` a trained segmenter (`fit_segmenter`), `fused` both; export fits them.
 The K latent samples use one fixed noise draw stored in the module (common random numbers), so a
 score is deterministic and does not depend on which other images share the batch.
 """
@@ -35,22 +39,26 @@ from torch import Tensor, nn
 
 from .local_density import FEATURES, LocalDensity, windows_for
 from .model import VAE
+from .segmenter import WIDTH, DefectSegmenter, train_segmenter
 
-SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined")
+SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined", "learned", "fused")
 SCORE_UNITS = {"recon": "nats per image", "elbo": "nats per image", "iwae": "nats per image",
                "excess": "nats per image", "peak": "nats per pixel",
-               "local": "squared Mahalanobis distance", "combined": "standardised units"}
-LOCAL_KINDS = ("local", "combined")   # need `fit_local` first
+               "local": "squared Mahalanobis distance", "combined": "standardised units",
+               "learned": "defect probability", "fused": "standardised units"}
+LOCAL_KINDS = ("local", "combined", "fused")   # need `fit_local` first
+LEARNED_KINDS = ("learned", "fused")           # need `fit_segmenter` first
 LOCAL_SHARE = 0.1        # of the windows, averaged: about a defect's area, so its evidence adds up
 PEAK_WINDOW = 5          # pixels; odd, so the box is centred
 PEAK_SHARE = 0.05        # of the pixels
 
 
 class ServableVAE(nn.Module):
-    __jit_unused_properties__ = ["local_fitted"]
+    __jit_unused_properties__ = ["local_fitted", "segmenter_trained"]
 
     def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0,
-                 peak_window: int = PEAK_WINDOW, peak_share: float = PEAK_SHARE) -> None:
+                 peak_window: int = PEAK_WINDOW, peak_share: float = PEAK_SHARE,
+                 segmenter_width: int = WIDTH) -> None:
         super().__init__()
         assert score_kind in SCORE_KINDS, f"score kind must be one of {SCORE_KINDS}, got {score_kind!r}"
         assert peak_window >= 1 and peak_window % 2 == 1, "peak_window must be odd and positive"
@@ -68,6 +76,11 @@ class ServableVAE(nn.Module):
         # how `combined` standardises (peak, local): median and 99th percentile minus median
         self.register_buffer("combined_center", torch.zeros(2))
         self.register_buffer("combined_scale", torch.ones(2))
+        self.segmenter = DefectSegmenter(vae.config.channels, segmenter_width)
+        self.register_buffer("segmenter_steps", torch.zeros(()))          # 0 until trained
+        # how `fused` standardises (peak, local, learned)
+        self.register_buffer("fused_center", torch.zeros(3))
+        self.register_buffer("fused_scale", torch.ones(3))
 
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction: the decoder's mean image at z = mu."""
@@ -106,6 +119,10 @@ class ServableVAE(nn.Module):
         if kind == "local" or kind == "combined":
             peak, local = self._peak_and_local(x)
             return local if kind == "local" else self._combine(peak, local)
+        if kind == "learned":
+            return self._top_mean(self._defect_box(x, self.forward(x)), self.peak_share)
+        if kind == "fused":
+            return self._fused(x, False)[0]
         mu, log_var = self.vae.encode(x)
         log_px_z, log_pz, log_qz = self._sample_terms(x, mu, log_var)      # (B, K) each
         if kind == "elbo":
@@ -113,15 +130,20 @@ class ServableVAE(nn.Module):
         if kind == "iwae":
             k = log_px_z.shape[1]
             return -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
-        raise ValueError("unknown score kind " + kind + ": expected recon, elbo, iwae, excess, peak, local "
-                         "or combined")
+        raise ValueError("unknown score kind " + kind + ": expected recon, elbo, iwae, excess, peak, local, "
+                         "combined, learned or fused")
 
     @torch.jit.export
     def anomaly_map(self, x: Tensor) -> Tensor:
         """Per-pixel anomaly (B, H, W) for the default kind: the excess map, or for `local` and
-        `combined` the map of what those scores read (`local_map`)."""
+        `combined` the map of what those scores read (`local_map`), for `learned` the box-averaged
+        defect probability, for `fused` the sum of what its three parts read."""
         if self.score_kind == "local" or self.score_kind == "combined":
             return self.local_map(x)
+        if self.score_kind == "learned":
+            return self._defect_box(x, self.forward(x))
+        if self.score_kind == "fused":
+            return self._fused(x, True)[1]
         return self.excess_map(x)
 
     @torch.jit.export
@@ -138,7 +160,7 @@ class ServableVAE(nn.Module):
         expectation (one per statistic) divided by the spread of local, shared among the pixels the
         window covers. `local` keeps only the second term. Zero where neither sees anything unusual."""
         logits, windows = self._local_pass(x)
-        local = self._local_spread(windows, x.shape[2], x.shape[3])
+        local = self._local_spread(windows, x.shape[2], x.shape[3]) / self.combined_scale[1]
         if self.score_kind == "local":
             return local
         return self._box(self._excess_map(x, logits)) / self.combined_scale[0] + local
@@ -154,12 +176,17 @@ class ServableVAE(nn.Module):
         if kind == "local" or kind == "combined":
             logits, windows = self._local_pass(x)
             local_score = self._local_score(windows)
-            local = self._local_spread(windows, x.shape[2], x.shape[3])
+            local = self._local_spread(windows, x.shape[2], x.shape[3]) / self.combined_scale[1]
             if kind == "local":
                 return local_score, local
             box = self._box(self._excess_map(x, logits))
             score = self._combine(self._top_mean(box, self.peak_share), local_score)
             return score, box / self.combined_scale[0] + local
+        if kind == "learned":
+            defects = self._defect_box(x, self.forward(x))
+            return self._top_mean(defects, self.peak_share), defects
+        if kind == "fused":
+            return self._fused(x, True)
         return self.score(x), self.anomaly_map(x)       # sampled kinds: their map is another pass
 
     def _excess_map(self, x: Tensor, logits: Tensor) -> Tensor:
@@ -197,10 +224,35 @@ class ServableVAE(nn.Module):
         return self._top_mean(torch.cat(windows, 1), self.local_share)
 
     def _local_spread(self, windows: list[Tensor], height: int, width: int) -> Tensor:
-        """The `local` half of the map (B, H, W): window distances above expectation, spread over their pixels."""
+        """What `local` reads, as a map (B, H, W): window distances above expectation, spread over
+        their pixels (callers divide by the spread of their own standardisation)."""
         per_scale = [density.spread(windows[i], height, width) for i, density in enumerate(self.local)]
         spread = torch.stack(per_scale).mean(0)
-        return (spread - self.local_expected).clamp(min=0.0) / self.combined_scale[1]
+        return (spread - self.local_expected).clamp(min=0.0)
+
+    def _defect_box(self, x: Tensor, recon: Tensor) -> Tensor:
+        """The segmenter's defect probability per pixel (B, H, W), box-averaged as `peak` is."""
+        if float(self.segmenter_steps) == 0.0:
+            raise RuntimeError("the defect segmenter is not trained: recalibrate the artifact with "
+                               "--score learned or fused")
+        return self._box(torch.sigmoid(self.segmenter(x, recon)).squeeze(1))
+
+    def _fused(self, x: Tensor, with_map: bool) -> tuple[Tensor, Tensor]:
+        """`fused` (B,) and, if asked, its map (B, H, W) (else an empty tensor), from one decoder pass:
+        each part standardised, the map each part's map divided by that part's spread."""
+        mu, _ = self.vae.encode(x)
+        logits = self.vae.decode_logits(mu)
+        recon = self.vae.mean(logits)
+        windows = [density(x, recon) for density in self.local]
+        excess, defects = self._box(self._excess_map(x, logits)), self._defect_box(x, recon)
+        parts = torch.stack([self._top_mean(excess, self.peak_share), self._local_score(windows),
+                             self._top_mean(defects, self.peak_share)], 1)
+        score = ((parts - self.fused_center) / self.fused_scale).sum(1)
+        if not with_map:
+            return score, torch.empty(0)
+        local = self._local_spread(windows, x.shape[2], x.shape[3])
+        scale = self.fused_scale
+        return score, excess / scale[0] + local / scale[1] + defects / scale[2]
 
     def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The peak and local scores (B,) each, from one decoder pass."""
@@ -215,11 +267,37 @@ class ServableVAE(nn.Module):
             recons = [self(batch) for batch in batches]
             for density in self.local:     # in batches: the per-pixel planes of 10,000 images would not fit
                 density.fit(torch.cat([density.statistics(b, r) for b, r in zip(batches, recons, strict=True)]))
-            scores = [self._peak_and_local(held_out[i:i + batch_size]) for i in range(0, len(held_out), batch_size)]
-            both = torch.stack([torch.cat([s[0] for s in scores]), torch.cat([s[1] for s in scores])], 1).double()
-            median, tail = both.quantile(0.5, dim=0), both.quantile(0.99, dim=0)
-            self.combined_center = median.float()
-            self.combined_scale = (tail - median).clamp(min=1e-6).float()
+        self.standardise(held_out, batch_size)
+
+    @torch.jit.unused
+    def fit_segmenter(self, normal: Tensor, held_out: Tensor, steps: int, seed: int = 0,
+                      progress: bool = True) -> list[float]:
+        """Train the defect segmenter on corrupted copies of normal images, then standardise `fused`
+        on held-out ones. Returns the training loss per step."""
+        losses = train_segmenter(self.segmenter, self.forward, normal, steps, seed=seed, progress=progress)
+        self.segmenter_steps = torch.tensor(float(steps))
+        if self.local_fitted:
+            self.standardise(held_out)
+        return losses
+
+    @torch.jit.unused
+    def standardise(self, held_out: Tensor, batch_size: int = 256) -> None:
+        """The centre (median) and spread (99th percentile minus median) of each part of `combined`
+        and, once the segmenter is trained, of `fused`, on held-out normal images."""
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(held_out), batch_size):
+                x = held_out[start:start + batch_size]
+                peak, local = self._peak_and_local(x)
+                learned = (self._top_mean(self._defect_box(x, self(x)), self.peak_share) if self.segmenter_trained
+                           else torch.zeros_like(peak))
+                parts.append(torch.stack([peak, local, learned], 1))
+        values = torch.cat(parts).double()
+        median, tail = values.quantile(0.5, dim=0), values.quantile(0.99, dim=0)
+        scale = (tail - median).clamp(min=1e-6).float()
+        self.combined_center, self.combined_scale = median[:2].float(), scale[:2]
+        if self.segmenter_trained:
+            self.fused_center, self.fused_scale = median.float(), scale
 
     @torch.jit.unused
     def load_trained(self, state: dict[str, Tensor]) -> None:
@@ -236,10 +314,16 @@ class ServableVAE(nn.Module):
     def local_fitted(self) -> bool:
         return all(density.fitted for density in self.local)
 
+    @property
+    def segmenter_trained(self) -> bool:
+        return float(self.segmenter_steps) > 0
+
     @torch.jit.unused
     def available_kinds(self) -> list[str]:
-        """The kinds this module can compute: all of them once the local statistics are fitted."""
-        return [k for k in SCORE_KINDS if self.local_fitted or k not in LOCAL_KINDS]
+        """The kinds this module can compute: all of them once the local statistics are fitted and
+        the segmenter is trained."""
+        return [k for k in SCORE_KINDS if (self.local_fitted or k not in LOCAL_KINDS)
+                and (self.segmenter_trained or k not in LEARNED_KINDS)]
 
     def _best_logits(self, x: Tensor) -> Tensor:
         """Logits whose mean is x itself: the per-pixel minimum of the reconstruction loss."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig, resolve, validate
 from .data import ImageSet, Splits, load_source, split_set
-from .export import build_metadata, export_artifact, fit_local_statistics, score_images
+from .export import build_metadata, export_artifact, fit_defect_segmenter, fit_local_statistics, score_images
 from .model import VAE, VAEConfig, build_vae
 from .report import report_dir, write_report
 from .scoring import ServableVAE
@@ -277,6 +277,8 @@ def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, histor
     out = Path(config.out)
     servable = ServableVAE(vae, config.score, config.score_samples, config.seed).eval()
     fit_local_statistics(servable, splits, config.seed)
+    if config.segmenter_steps:
+        fit_defect_segmenter(servable, splits, config.segmenter_steps, config.seed, progress=not config.quiet)
     metrics = test_metrics(vae, servable, splits, config)
     metrics.update(best_epoch=best_epoch, epochs_run=len(history), train_seconds=round(seconds, 2),
                    **{f"final_{k}": v for k, v in (history[-1] if history else {}).items() if k != "epoch"})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -60,11 +61,14 @@ def test_a_folder_model_scores_uploaded_files_as_training_loaded_them(tmp_path: 
     np.testing.assert_allclose(served, offline, rtol=1e-6, atol=1e-5)
 
 
-def test_a_combined_artifact_serves_its_scores_and_maps(digits_artifact: Path, tmp_path: Path) -> None:
-    """Recalibrated onto `combined`, the artifact's scores and its map (local statistics plus the
-    excess) come over HTTP exactly as the module computes them offline."""
-    out = tmp_path / "combined.pt"
-    calibrate(digits_artifact, out, score_kind="combined", command="test")
+@pytest.mark.parametrize("kind", ["combined", "fused"])
+def test_a_combined_or_fused_artifact_serves_its_scores_and_maps(digits_artifact: Path, tmp_path: Path,
+                                                                kind: str) -> None:
+    """Recalibrated onto `combined` (or `fused`, with a defect segmenter trained for a few steps),
+    the artifact's scores and its map (local statistics plus the excess, plus the segmenter's) come
+    over HTTP exactly as the module computes them offline."""
+    out = tmp_path / f"{kind}.pt"
+    calibrate(digits_artifact, out, score_kind=kind, command="test", segmenter_steps=3)
     module, metadata = load_artifact(out)
     images = load_source("digits").images[200:216]
     with torch.no_grad():
@@ -74,7 +78,7 @@ def test_a_combined_artifact_serves_its_scores_and_maps(digits_artifact: Path, t
         model = http.get("/model").json()
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert response.json()["score_kind"] == "combined" and model["score"]["kind"] == "combined"
+    assert response.json()["score_kind"] == kind and model["score"]["kind"] == kind
     np.testing.assert_allclose([r["score"] for r in results], score_images(module, images), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(np.array([r["map"] for r in results]), offline_maps, rtol=1e-5, atol=1e-5)
     assert not np.allclose(offline_maps, module.excess_map(torch.as_tensor(images)).detach().numpy())

@@ -81,6 +81,7 @@ def test_scripted_methods_equal_eager(config: VAEConfig, tmp_path: Path) -> None
     eager = ServableVAE(build_vae(config), "iwae", 8, seed=1).eval()
     shape = (config.channels, config.height, config.width)
     eager.fit_local(torch.rand(64, *shape), torch.rand(32, *shape))      # local and combined need it
+    eager.fit_segmenter(torch.rand(64, *shape), torch.rand(32, *shape), steps=1, progress=False)   # learned, fused
     path = tmp_path / "m.pt"
     torch.jit.script(eager).save(str(path))
     scripted = torch.jit.load(str(path))
@@ -102,6 +103,7 @@ def test_score_with_map_equals_score_and_anomaly_map(kind: str, tmp_path: Path) 
     torch.manual_seed(0)
     eager = ServableVAE(build_vae(VAEConfig("conv", 1, 28, 28, 4, (32,), (16, 16), "gaussian")), kind, 4).eval()
     eager.fit_local(torch.rand(48, 1, 28, 28), torch.rand(24, 1, 28, 28))
+    eager.fit_segmenter(torch.rand(48, 1, 28, 28), torch.rand(24, 1, 28, 28), steps=1, progress=False)
     path = tmp_path / "m.pt"
     torch.jit.script(eager).save(str(path))
     scripted = torch.jit.load(str(path))

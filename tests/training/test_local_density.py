@@ -15,9 +15,10 @@ from training.defects import gaussian_blur
 from training.export import artifact_splits, export_artifact, load_artifact, score_images
 from training.local_density import FEATURES, LocalDensity, windows_for
 from training.model import VAEConfig, build_vae
-from training.scoring import LOCAL_KINDS, SCORE_KINDS, ServableVAE
+from training.scoring import LEARNED_KINDS, LOCAL_KINDS, SCORE_KINDS, ServableVAE
 
 SIDE = 32
+WITHOUT_SEGMENTER = [k for k in SCORE_KINDS if k not in LEARNED_KINDS]   # what an artifact without one offers
 
 
 def grain(count: int, seed: int) -> torch.Tensor:
@@ -98,7 +99,7 @@ def test_unfitted_statistics_refuse_with_a_clear_message() -> None:
     density = LocalDensity(4, 2)
     assert not density.fitted and density.mean.shape == (0, FEATURES)
     servable = ServableVAE(build_vae(VAEConfig("mlp", 1, 8, 8, 2, (16,), (), "bernoulli")), "peak", 4)
-    assert servable.available_kinds() == [k for k in SCORE_KINDS if k not in LOCAL_KINDS]
+    assert servable.available_kinds() == [k for k in SCORE_KINDS if k not in (*LOCAL_KINDS, *LEARNED_KINDS)]
     with pytest.raises(torch.jit.Error, match="not fitted"):
         torch.jit.script(servable).score_by(torch.rand(2, 1, 8, 8), "local")
 
@@ -128,7 +129,7 @@ def test_recalibrating_an_artifact_from_before_fits_its_statistics(digits_artifa
     assert "local" not in exported["score"]["kinds"]
 
     renewed = calibrate(old, tmp_path / "new.pt", score_kind="combined", command="test")
-    assert renewed["score"]["kinds"] == list(SCORE_KINDS)
+    assert renewed["score"]["kinds"] == WITHOUT_SEGMENTER
     assert renewed["calibration"]["score_kind"] == "combined"
     new_module, _ = load_artifact(tmp_path / "new.pt")
     np.testing.assert_array_equal(np.sort(score_images(new_module, splits.cal.images)),
@@ -160,7 +161,7 @@ def test_without_its_training_data_an_old_artifact_keeps_the_other_kinds(digits_
     with pytest.raises(ValueError, match="needs the artifact's training data"):
         calibrate(old, tmp_path / "new.pt", score_kind="combined", data=str(good))
     renewed = calibrate(old, tmp_path / "new.pt", score_kind="peak", data=str(good))
-    assert renewed["score"]["kinds"] == [k for k in SCORE_KINDS if k not in LOCAL_KINDS]
+    assert renewed["score"]["kinds"] == [k for k in SCORE_KINDS if k not in (*LOCAL_KINDS, *LEARNED_KINDS)]
 
 
 def test_one_class_artifacts_with_few_calibration_images_gain_the_local_kinds(tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ def test_one_class_artifacts_with_few_calibration_images_gain_the_local_kinds(tm
     export_without_local(out, tmp_path / "old.pt")
     upgraded = with_current_scores(tmp_path / "old.pt", tmp_path / "cache")
     _, metadata = load_artifact(upgraded)
-    assert metadata["score"]["kinds"] == list(SCORE_KINDS) and metadata["calibration"]["count"] < 100
+    assert metadata["score"]["kinds"] == WITHOUT_SEGMENTER and metadata["calibration"]["count"] < 100
     assert with_current_scores(upgraded, tmp_path / "cache") == upgraded        # already there: itself
     switched = with_current_scores(upgraded, tmp_path / "cache", "combined")
     assert load_artifact(switched)[1]["score"]["kind"] == "combined"

@@ -1,0 +1,113 @@
+"""The defect segmenter and its training corruptions: masks say exactly what changed, corruptions
+repeat by seed and stay apart from the evaluation's, a trained segmenter finds a defect it never
+saw, and an artifact gains the `learned` and `fused` kinds by recalibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from training.calibrate import calibrate
+from training.corruptions import CLEAN_SHARE, PHOTOS, VISIBLE, Corruptor
+from training.data import load_source
+from training.evaluate import TEXTURES
+from training.export import load_artifact
+from training.model import VAEConfig, build_vae
+from training.scoring import ServableVAE
+
+SIDE = 16
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Training on one thread: two busy OpenMP threads on a shared 2-core machine can be 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stripes(count: int, seed: int) -> torch.Tensor:
+    """Normal images (count, 1, SIDE, SIDE): soft diagonal stripes of random phase and contrast."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+    phase = torch.rand(count, 1, 1, 1, generator=g) * 6.28
+    contrast = 0.15 + 0.2 * torch.rand(count, 1, 1, 1, generator=g)
+    return (0.5 + contrast * torch.sin((xx + yy) / 2.0 + phase)).float()
+
+
+def test_masks_mark_exactly_the_visibly_changed_pixels() -> None:
+    images = stripes(256, 0)
+    corrupted, masks = Corruptor(1, SIDE, SIDE, seed=0, bank_size=64)(images)
+    change = (corrupted - images).abs().amax(1, keepdim=True)
+    assert corrupted.min() >= 0 and corrupted.max() <= 1 and masks.shape == (256, 1, SIDE, SIDE)
+    assert torch.all(change[masks > 0] > VISIBLE) and torch.all(change[masks == 0] <= VISIBLE)
+    clean = (masks.flatten(1).sum(1) == 0).float().mean()
+    assert CLEAN_SHARE - 0.1 < clean < CLEAN_SHARE + 0.15            # plus the few that changed nothing visible
+    areas = masks.flatten(1).mean(1)[masks.flatten(1).sum(1) > 0]
+    assert areas.min() < 0.05 and areas.max() > 0.15                  # thin lines and scattered pixels to blobs
+
+
+def test_the_same_seed_gives_the_same_corruptions() -> None:
+    images = stripes(32, 1)
+    first, again, other = (Corruptor(1, SIDE, SIDE, seed=s, bank_size=16)(images) for s in (5, 5, 6))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_the_training_corruptions_never_use_the_evaluation_textures() -> None:
+    assert not set(PHOTOS) & set(TEXTURES)
+
+
+def test_a_trained_segmenter_finds_corruptions_and_a_defect_kind_it_never_saw(one_thread: None) -> None:
+    """Trained on corrupted stripes, the segmenter finds fresh corruptions, and `learned` ranks
+    stripes with a straight dark bar above clean ones, its map peaking on the bar: no straight bar
+    is among its corruptions."""
+    torch.manual_seed(0)
+    servable = ServableVAE(build_vae(VAEConfig("conv", 1, SIDE, SIDE, 4, (32,), (16, 16), "gaussian")), "learned")
+    servable.eval()
+    losses = servable.fit_segmenter(stripes(2000, 2), stripes(64, 3), steps=300, progress=False)
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+    corrupted, masks = Corruptor(1, SIDE, SIDE, seed=99, bank_size=64)(stripes(128, 5))
+    with torch.no_grad():
+        found = torch.sigmoid(servable.segmenter(corrupted, servable(corrupted)))
+    assert roc_auc_score(masks.flatten().numpy(), found.flatten().numpy()) > 0.7
+    clean = stripes(64, 4)
+    barred = clean.clone()
+    barred[:, :, 4:12, 7:9] = 0.05
+    with torch.no_grad():
+        clean_scores, barred_scores = servable.score(clean), servable.score(barred)
+        maps = servable.anomaly_map(barred)
+    assert (barred_scores > clean_scores).float().mean() > 0.9
+    inside = maps[:, 4:12, 7:9].mean((1, 2))
+    assert (inside > maps.mean((1, 2))).float().mean() > 0.9
+
+
+def test_an_artifact_gains_the_learned_kinds_by_recalibration(digits_artifact: Path, tmp_path: Path) -> None:
+    before = load_artifact(digits_artifact)[1]
+    assert "fused" not in before["score"]["kinds"] and before["score"]["segmenter"]["steps"] == 0
+    out = tmp_path / "fused.pt"
+    metadata = calibrate(digits_artifact, out, score_kind="fused", segmenter_steps=4, command="test")
+    module, stored = load_artifact(out)
+    assert stored == metadata and stored["score"]["kind"] == "fused"
+    assert {"learned", "fused"} <= set(stored["score"]["kinds"]) and stored["score"]["segmenter"]["steps"] == 4
+    # recalibrating again keeps the trained segmenter: same scores, no second training
+    again = calibrate(out, tmp_path / "again.pt", score_kind="learned", segmenter_steps=99, command="test")
+    assert again["score"]["segmenter"]["steps"] == 4
+    images = torch.as_tensor(load_source("digits").images[:32])
+    with torch.no_grad():
+        torch.testing.assert_close(module.score_by(images, "learned"),
+                                   load_artifact(tmp_path / "again.pt")[0].score(images))
+
+
+def test_learned_kinds_without_a_segmenter_are_refused_clearly(digits_artifact: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--segmenter-steps must be above 0"):
+        calibrate(digits_artifact, tmp_path / "x.pt", score_kind="learned", segmenter_steps=0)
+    module, _ = load_artifact(digits_artifact)
+    with pytest.raises(torch.jit.Error, match="defect segmenter is not trained"):
+        module.score_by(torch.rand(2, 1, 8, 8), "learned")

@@ -1,0 +1,96 @@
+"""A defect segmenter: a small convolutional network that reads an image beside the VAE's
+reconstruction of it and says, per pixel, how likely the pixel is part of a defect.
+
+The discriminative half of DRAEM (Zavrtanik et al., 2021), with our trained VAE as the
+reconstructive half. The VAE alone scores how badly it reproduces a pixel, which misses what it
+reproduces well enough (a faint stain) and what makes the error smaller (a blurred or flattened
+region). The segmenter learns what a defect looks like next to its reconstruction from synthetic
+corruptions (`training.corruptions`), none of them the evaluation's.
+
+    input x, reconstruction r --> [x, r] --> two 3x3 convs --> stride-2 conv, 3x3 conv --> upsample
+                                                  |________________ skip ____________________|
+                                              --> 3x3 conv --> 1x1 conv --> defect logits (B, 1, H, W)
+
+Trained with the focal loss (Lin et al., 2017): most pixels are clean, and the loss should come
+from the ones it still gets wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .corruptions import BANK_SIZE, Corruptor
+
+WIDTH = 16               # channels at full resolution; twice that at half
+FOCAL_GAMMA = 2.0
+PRIOR = 0.05             # about the share of defect pixels in a training batch
+BATCH_PIXELS = 64 * 28 * 28   # per training batch: 64 images of 28x28, 12 of 64x64
+
+
+class DefectSegmenter(nn.Module):
+    def __init__(self, channels: int, width: int = WIDTH) -> None:
+        super().__init__()
+        self.width = width
+        self.full = nn.Sequential(nn.Conv2d(2 * channels, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.coarse = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
+        # start at the prior of a defect pixel, not at p = 0.5: the first hundreds of steps would
+        # otherwise only learn that most pixels are clean (Lin et al., 2017, section 4.1)
+        nn.init.constant_(self.head[-1].bias, math.log(PRIOR / (1 - PRIOR)))
+
+    def forward(self, x: Tensor, recon: Tensor) -> Tensor:
+        """Defect logits (B, 1, H, W) for images x and their reconstructions, both (B, C, H, W)."""
+        full = self.full(torch.cat([x, recon], 1))
+        coarse = F.interpolate(self.coarse(full), size=full.shape[2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([full, coarse], 1))
+
+
+def focal_loss(logits: Tensor, mask: Tensor, gamma: float = FOCAL_GAMMA) -> Tensor:
+    """The mean focal loss per pixel: cross-entropy weighted by (1 - p_true)^gamma."""
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    p_true = torch.exp(-cross_entropy)
+    return ((1.0 - p_true) ** gamma * cross_entropy).mean()
+
+
+def batch_size_for(height: int, width: int) -> int:
+    """Images per training batch: about BATCH_PIXELS pixels, so a step costs about the same at any size."""
+    return max(8, min(256, BATCH_PIXELS // (height * width)))
+
+
+def train_segmenter(segmenter: DefectSegmenter, reconstruct: Callable[[Tensor], Tensor], images: Tensor,
+                    steps: int, batch_size: int | None = None, lr: float = 1e-3, seed: int = 0,
+                    progress: bool = True) -> list[float]:
+    """Train on corrupted copies of normal `images` (N, C, H, W) for `steps` batches (of
+    `batch_size_for` the image size unless given); `reconstruct` is the VAE's (frozen). Returns the
+    loss per step. The learning rate decays by cosine to zero."""
+    batch_size = batch_size or batch_size_for(*images.shape[2:])
+    corruptor = Corruptor(*images.shape[1:], seed=seed, bank_size=min(BANK_SIZE, steps * batch_size))
+    optimizer = torch.optim.Adam(segmenter.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    order = torch.Generator().manual_seed(seed)
+    losses = []
+    segmenter.train()
+    bar = tqdm(range(steps), desc="defect segmenter", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        batch = images[torch.randint(len(images), (batch_size,), generator=order)]
+        corrupted, mask = corruptor(batch)
+        with torch.no_grad():
+            recon = reconstruct(corrupted)
+        loss = focal_loss(segmenter(corrupted, recon), mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    segmenter.eval()
+    return losses
