@@ -82,7 +82,7 @@ def calibration_images(metadata: dict[str, Any], data: str | None,
 
 
 def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
-                     kind: str, steps: int | None) -> int:
+                     kind: str, steps: int | None, progress: bool = True) -> int:
     """Train the defect segmenter of an artifact exported without one, on its own training split,
     for `steps` batches (None: the conv default). Returns the steps trained."""
     steps = AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
@@ -93,12 +93,12 @@ def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits
     except (OSError, ValueError) as error:
         raise ValueError(f"--score {kind} needs the artifact's training data to train its defect segmenter, "
                          f"and it could not be loaded: {error}") from error
-    fit_defect_segmenter(servable, splits, steps, metadata["training"]["config"].get("seed", 0))
+    fit_defect_segmenter(servable, splits, steps, metadata["training"]["config"].get("seed", 0), progress)
     return steps
 
 
 def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None, data: str | None = None,
-              command: str = "", segmenter_steps: int | None = None) -> dict[str, Any]:
+              command: str = "", segmenter_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata.
     A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`)."""
     module, metadata = load_artifact(path)
@@ -114,7 +114,7 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
         fit_or_explain(servable, metadata, own_splits, kind)
     trained = int(servable.segmenter_steps)
     if kind in LEARNED_KINDS and not servable.segmenter_trained:
-        trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps)
+        trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps, progress)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {
         "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]

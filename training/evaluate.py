@@ -207,7 +207,7 @@ def artifact_splits(metadata: dict[str, Any]) -> Splits:
     return split_of(metadata, _SOURCES[key])
 
 
-def with_current_scores(path: Path, cache: Path, kind: str | None = None) -> Path:
+def with_current_scores(path: Path, cache: Path, kind: str | None = None, progress: bool = True) -> Path:
     """The artifact itself if it carries the local statistics and defaults to `kind` (None: its own
     kind); else a recalibrated copy in the cache that does (same weights, statistics fitted and, for
     `learned` and `fused`, the defect segmenter trained on its training split), so trainings cached
@@ -221,7 +221,8 @@ def with_current_scores(path: Path, cache: Path, kind: str | None = None) -> Pat
     if not upgraded.exists() or upgraded.stat().st_mtime < path.stat().st_mtime:
         cache.mkdir(parents=True, exist_ok=True)
         tqdm.write(f"recalibrating {path} onto {kind} with the local statistics: {upgraded}")
-        calibrate(path, upgraded, score_kind=kind, command="training.evaluate: the current default score")
+        calibrate(path, upgraded, score_kind=kind, command="training.evaluate: the current default score",
+                  progress=progress)
     return upgraded
 
 
@@ -429,7 +430,7 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
         trained = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
         # onto the auto kind by recalibration (its segmenter trained once and cached), so trainings
         # cached by older code stay valid
-        path = with_current_scores(trained, options.cache, auto_kind(trained))
+        path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)
         calibrated = trained.with_name(trained.stem + "-calibrated.pt")
         calibrate(path, calibrated, score_kind=auto_kind(trained), data=str(files["cal"]),
                   command="training.evaluate: the calibration band")
@@ -463,7 +464,7 @@ def novelty_suite(options: Options) -> dict[str, Any]:
             config = TrainConfig(data=data, class_filter=k, epochs=epochs, quiet=True, report=False,
                                  checkpoint_every=0, seed=options.seed, threads=options.threads)
             trained = train_cached(config, options.cache, f"novelty-{data}-{k}")
-            path = with_current_scores(trained, options.cache, auto_kind(trained))     # trained with the auto kind
+            path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)   # the auto kind
             context = load_context(path, f"{data}:{k}", options)
             test = context.splits.test.subset(np.arange(min(len(context.splits.test), options.novelty_max_images)))
             scores = context.score(test.images)
@@ -741,7 +742,8 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     contexts: dict[str, Context] = {}
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():
-            contexts[name] = load_context(with_current_scores(path, options.cache), name, options)
+            contexts[name] = load_context(with_current_scores(path, options.cache, progress=options.progress), name,
+                                          options)
     textures = texture_contexts(options) if "textures" in options.suites else {}
     for suite in options.suites:
         begun = time.perf_counter()
