@@ -66,7 +66,9 @@ class Corruptor:
         crops = torch.empty(count, *self.shape)
         for i in range(count):
             photo = photos[int(torch.randint(len(photos), (1,), generator=self.generator))]
-            side = int(torch.randint(max(2, h // 2), min(photo.shape[1:]) // 2, (1,), generator=self.generator))
+            largest = min(photo.shape[1:]) // 2          # a crop of at most half the photo...
+            smallest = min(max(2, h // 2), largest - 1)  # ...and at least half the image, if the photo allows
+            side = int(torch.randint(smallest, largest, (1,), generator=self.generator))
             top = int(torch.randint(photo.shape[1] - side, (1,), generator=self.generator))
             left = int(torch.randint(photo.shape[2] - side, (1,), generator=self.generator))
             crop = F.interpolate(photo[None, :, top:top + side, left:left + side], size=(h, w), mode="bilinear",

@@ -60,6 +60,14 @@ def test_the_same_seed_gives_the_same_corruptions() -> None:
     assert not torch.equal(first[0], other[0])
 
 
+@pytest.mark.parametrize(("channels", "side"), [(1, 8), (3, 32), (1, 256)])
+def test_any_image_size_and_colour_can_be_corrupted(channels: int, side: int) -> None:
+    """Crops of the photographs fit images from 8 px to larger than the smallest photograph's half."""
+    images = torch.full((4, channels, side, side), 0.5)
+    corrupted, masks = Corruptor(channels, side, side, seed=0, bank_size=8)(images)
+    assert corrupted.shape == images.shape and masks.shape == (4, 1, side, side)
+
+
 def test_the_training_corruptions_never_use_the_evaluation_textures() -> None:
     assert not set(PHOTOS) & set(TEXTURES)
 
