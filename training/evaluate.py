@@ -430,9 +430,10 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
         trained = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
         # onto the auto kind by recalibration (its segmenter trained once and cached), so trainings
         # cached by older code stay valid
-        path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)
+        kind = auto_kind(trained)
+        path = with_current_scores(trained, options.cache, kind, options.progress)
         calibrated = trained.with_name(trained.stem + "-calibrated.pt")
-        calibrate(path, calibrated, score_kind=auto_kind(trained), data=str(files["cal"]),
+        calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
                   command="training.evaluate: the calibration band")
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
         found[name] = (load_context(calibrated, f"texture:{name}", options, cal), test)   # scaled as training does

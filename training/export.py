@@ -63,17 +63,23 @@ LOCAL_FIT_IMAGES = 10_000     # training images the local statistics are fitted 
 LOCAL_HELD_OUT_IMAGES = 2_000  # validation images that standardise the combined score, at most
 
 
-def fit_local_statistics(servable: ServableVAE, splits: Splits, seed: int = 0) -> None:
-    """Fit the `local` and `combined` scores: the local Gaussians on (a sample of) the training
-    split, the standardisation on the validation split, never the calibration split, whose scores
-    must stay unseen for the thresholds to hold."""
+def fitting_images(splits: Splits, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal images to fit a score on, a seeded sample of at most `count` from the training split,
+    and held-out ones to standardise it on: the validation split (at most LOCAL_HELD_OUT_IMAGES),
+    never the calibration split, whose scores must stay unseen for the thresholds to hold."""
     rng = np.random.default_rng(seed)
     train = splits.train.images
-    normal = train[np.sort(rng.permutation(len(train))[:LOCAL_FIT_IMAGES])]
+    normal = train[np.sort(rng.permutation(len(train))[:count])]
     held_out = splits.val.images[:LOCAL_HELD_OUT_IMAGES]
     if len(held_out) < 100:      # too few to place a 99th percentile: the training sample serves
         held_out = normal[:LOCAL_HELD_OUT_IMAGES]
-    servable.fit_local(torch.as_tensor(normal), torch.as_tensor(held_out))
+    return torch.as_tensor(normal), torch.as_tensor(held_out)
+
+
+def fit_local_statistics(servable: ServableVAE, splits: Splits, seed: int = 0) -> None:
+    """Fit the `local` and `combined` scores: the local Gaussians on (a sample of) the training
+    split, the standardisation on the validation split."""
+    servable.fit_local(*fitting_images(splits, LOCAL_FIT_IMAGES, seed))
 
 
 SEGMENTER_FIT_IMAGES = 20_000   # training images the segmenter's corrupted batches are drawn from, at most
@@ -83,13 +89,7 @@ def fit_defect_segmenter(servable: ServableVAE, splits: Splits, steps: int, seed
                          progress: bool = True) -> None:
     """Train the `learned` and `fused` scores' segmenter on corrupted copies of (a sample of) the
     training split, and standardise `fused` on the validation split, as `fit_local_statistics` does."""
-    rng = np.random.default_rng(seed + 1)
-    train = splits.train.images
-    normal = train[np.sort(rng.permutation(len(train))[:SEGMENTER_FIT_IMAGES])]
-    held_out = splits.val.images[:LOCAL_HELD_OUT_IMAGES]
-    if len(held_out) < 100:
-        held_out = normal[:LOCAL_HELD_OUT_IMAGES]
-    servable.fit_segmenter(torch.as_tensor(normal), torch.as_tensor(held_out), steps, seed, progress)
+    servable.fit_segmenter(*fitting_images(splits, SEGMENTER_FIT_IMAGES, seed + 1), steps, seed, progress)
 
 
 def build_metadata(*, name: str, config: dict[str, Any], vae_config: Any, data: dict[str, Any],
