@@ -53,6 +53,10 @@ class Metrics:
         # a gauge at 1 rather than an Info, which prometheus-client cannot share between processes
         self.model = Gauge("vae_model_info", "the artifact being served", MODEL_LABELS, registry=r,
                            multiprocess_mode="livemax")
+        # labelled children looked up once: `labels()` costs more than the observation itself
+        self.decode_seconds = self.codec_seconds.labels("decode")
+        self.encode_seconds = self.codec_seconds.labels("encode")
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def serving(self, **labels: str) -> None:
         """Name the artifact served now. The previous one's labels are dropped; with several workers
@@ -60,11 +64,6 @@ class Metrics:
         if not shared():
             self.model.clear()
         self.model.labels(*(labels[name] for name in MODEL_LABELS)).set(1)
-
-        # labelled children looked up once: `labels()` costs more than the observation itself
-        self.decode_seconds = self.codec_seconds.labels("decode")
-        self.encode_seconds = self.codec_seconds.labels("encode")
-        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def _cached(self, key: tuple[str, ...], make: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
         children = self._children.get(key)

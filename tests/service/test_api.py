@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.metrics import Metrics
 from service.runtime import ModelRuntime
 from tests.service.conftest import png_bytes
 
@@ -300,6 +301,19 @@ def test_health_ready_and_metrics(client: httpx.Client, digit_images: np.ndarray
         assert f"{family}_bucket" in text
     assert client.get("/healthz").headers["x-request-id"]
     assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+
+
+def test_metrics_count_before_any_model_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the codec timers were once made by `serving()`, so anything timed before a model loaded failed
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    metrics.decode_seconds.observe(0.001)
+    metrics.encode_seconds.observe(0.002)
+    metrics.request_done("/anomaly-score", "POST", 200, 0.01)
+    text = metrics.render().decode()
+    assert 'vae_codec_seconds_count{stage="decode"} 1.0' in text
+    assert 'vae_codec_seconds_count{stage="encode"} 1.0' in text
+    assert 'vae_http_requests_total{endpoint="/anomaly-score",method="POST",status="200"} 1.0' in text
 
 
 def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) -> None:
