@@ -62,6 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def round_floors(model: Path, pngs: list[bytes], round_index: int, when: str) -> list[compute.ComputeFloor]:
+    """The compute floor right before and after a round's lowest concurrency: the 1-connection
+    target divides by the floor of the same minutes, since the machine's speed drifts by more than
+    the margin between 1.5x and what we measure (benchmarks/results/serving-1622-fused.md)."""
+    print(f"measuring the compute floor ({when} round {round_index + 1}'s lowest concurrency)", flush=True)
+    return [compute.measure(model, pngs, threads, budget_s=1.0, when=f"round {round_index + 1}, {when}",
+                            round_index=round_index) for threads in (1, 2)]
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -99,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         for level_index, connections in enumerate(args.levels):
             active = [c for c in contenders if not c.skip_reason]
             shift = (round_index * len(args.levels) + level_index) % max(len(active), 1)
+            lowest = connections == min(args.levels)
+            if lowest:
+                floors += round_floors(args.model, pngs, round_index, "before")
             for contender in active[shift:] + active[:shift]:
                 run_session(contender, setup, bodies, wrk, connections, args, results, round_index)
+            if lowest:
+                floors += round_floors(args.model, pngs, round_index, "after")
     # again at the end, against the machine's mood at the start: the smallest counts (a floor)
     print("measuring the compute floor again", flush=True)
     floors += [compute.measure(args.model, pngs, threads, when="end") for threads in (1, 2)]

@@ -26,6 +26,7 @@ class ComputeFloor:
     score_64: float
     total_64: float
     when: str = "start"
+    round: int | None = None        # measured beside this round's lowest concurrency (None: start or end)
 
     @property
     def floor_1(self) -> float:
@@ -51,7 +52,8 @@ def _median_seconds(call: Callable[[], object], budget_s: float, min_rounds: int
     return statistics.median(times)
 
 
-def measure(model: Path, pngs: list[bytes], threads: int, budget_s: float = 1.5, when: str = "start") -> ComputeFloor:
+def measure(model: Path, pngs: list[bytes], threads: int, budget_s: float = 1.5, when: str = "start",
+            round_index: int | None = None) -> ComputeFloor:
     """Per-image decode, score and decode+score times at batch 1 and batch len(pngs), with
     `threads` torch threads (restored afterwards)."""
     module = torch.jit.load(str(model), map_location="cpu").eval()
@@ -80,6 +82,7 @@ def measure(model: Path, pngs: list[bytes], threads: int, budget_s: float = 1.5,
             total_64=_median_seconds(lambda: score(torch.from_numpy(np.stack([decode_png(p) for p in many]))),
                                      budget_s) / n,
             when=when,
+            round=round_index,
         )
     finally:
         torch.set_num_threads(previous)
