@@ -11,14 +11,18 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
 
 from . import workers
 from .app import create_app
 from .logs import configure_logging
 from .settings import Settings
+
+APP = "service.__main__:served_app"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     # log_config=None: uvicorn's loggers propagate to the JSON handler instead of their own format;
     # a new worker imports torch and warms its model up before it is ready, which took more than
     # uvicorn's default 5 s on a busy machine (a reload's rolling restart would give up)
+    options: dict[str, Any] = {"factory": True, "host": settings.host, "port": settings.port, "workers": count,
+                               "log_level": settings.log_level, "access_log": False, "log_config": None,
+                               "timeout_graceful_shutdown": 30, "timeout_worker_healthcheck": 60}
     try:
-        uvicorn.run("service.__main__:served_app", factory=True, host=settings.host, port=settings.port,
-                    workers=count, log_level=settings.log_level, access_log=False, log_config=None,
-                    timeout_graceful_shutdown=30, timeout_worker_healthcheck=60)
+        if count > 1 and settings.reuse_port:
+            # uvicorn.run with workers, but on a socket the workers can each listen beside
+            config = uvicorn.Config(APP, **options)
+            Multiprocess(config, sockets=[workers.shared_listener(settings.host, settings.port)]).run()
+        else:
+            uvicorn.run(APP, **options)
     finally:
         workers.clean_up(shared_state)
     return 0
@@ -67,7 +77,24 @@ def served_app() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level)
     pause_before_closing_idle_connections()
+    if settings.reuse_port and workers.several():
+        listen_on_own_sockets()
     return create_app(settings)
+
+
+def listen_on_own_sockets() -> None:
+    """Each worker listens on a socket of its own beside the one the supervisor shares (see
+    service/workers.py). uvicorn builds its Server inside each worker before loading the app, so,
+    as for the shutdown below, the method is wrapped here."""
+    original = uvicorn.Server.startup
+    if getattr(original, "own_sockets", False):
+        return
+
+    async def startup(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+        await original(self, None if sockets is None else [workers.own_listener(sock) for sock in sockets])
+
+    startup.own_sockets = True                    # type: ignore[attr-defined]
+    uvicorn.Server.startup = startup              # type: ignore[method-assign]
 
 
 def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     max_queue_wait_s: float = Field(2.0, gt=0, description="a request that would wait longer for the model "
                                                          "is refused at once with 503 and Retry-After")
 
+    reuse_port: bool = Field(False, description="with several workers, give each its own listening socket "
+                                                "(SO_REUSEPORT): the kernel spreads connections evenly over them, "
+                                                "where on one shared socket whichever worker wakes first takes a "
+                                                "burst of them. Off by default: a worker that stops (a reload's "
+                                                "rolling restart) then resets the connections still waiting on its "
+                                                "socket, unless the kernel moves them (net.ipv4.tcp_migrate_req=1)")
     fast_lane: bool = Field(True, description="answer one raw image POSTed to /anomaly-score (no query but "
                                               "fpr) on a lean path beside FastAPI: the same answer for about a "
                                               "third less CPU")

@@ -8,6 +8,11 @@ of any worker leaves there the artifact to serve, then asks uvicorn's supervisor
 process) for a rolling restart with SIGHUP: each new worker loads that artifact and is ready before
 its old one is stopped, so the port never goes unserved. A worker whose supervisor is killed
 outright stops by itself.
+
+With `VAE_REUSE_PORT=true` each worker listens on a socket of its own (SO_REUSEPORT) rather than
+the one the supervisor shares: the kernel then spreads connections over the workers by a hash of
+the client's address, where on the shared socket the first worker awake takes a whole burst (64
+persistent connections split 62/2 and 48/16 here, and the busy worker's latency doubled).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -105,3 +111,24 @@ def worker_exiting() -> None:
     """Drop this process's live gauges (in flight, ready, model) from the shared metrics."""
     if os.environ.get(METRICS_DIR) and several():
         multiprocess.mark_process_dead(os.getpid())
+
+
+def shared_listener(host: str, port: int) -> socket.socket:
+    """The socket the supervisor hands its workers, bound but not listening, with SO_REUSEPORT so
+    that each worker can bind a listener of its own beside it (`own_listener`)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def own_listener(shared: socket.socket) -> socket.socket:
+    """A socket of this worker's own on the shared socket's address (only listening sockets are
+    given connections, so the shared one, never listened on, gets none)."""
+    sock = socket.socket(shared.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(shared.getsockname()[:2])
+    return sock

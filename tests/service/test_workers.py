@@ -1,14 +1,18 @@
 """Several worker processes behind one port, as `python -m service` runs them by default on a
 multi-core machine: /metrics counts the whole server whichever worker answers, a reload asked of
 one worker reaches all of them without a failed request, a restart onto a broken artifact keeps
-the old workers, SIGTERM stops everything cleanly, and workers do not outlive a killed supervisor."""
+the old workers, SIGTERM stops everything cleanly, and workers do not outlive a killed supervisor. With
+VAE_REUSE_PORT=true a burst of connections is spread evenly over the workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +28,18 @@ WORKERS = 2
 
 @pytest.fixture()
 def workers_server(models_dir: Path, tmp_path: Path) -> Iterator[Server]:  # noqa: F811
+    with started_workers(models_dir, tmp_path) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def started_workers(artifacts: Path, tmp_path: Path, **settings: str) -> Iterator[Server]:
     env = {**os.environ, "VAE_WORKERS": str(WORKERS), "VAE_ADMIN_WITHOUT_KEYS": "true", "VAE_LOG_LEVEL": "info",
-           "VAE_MODELS_DIR": str(models_dir)}
+           "VAE_MODELS_DIR": str(artifacts), **settings}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with running_server(["--model", str(models_dir / "digits.pt")], env, tmp_path / "server.log",
+    with running_server(["--model", str(artifacts / "digits.pt")], env, tmp_path / "server.log",
                         lambda server: ready(server.url) and len(worker_pids(server)) >= WORKERS, 120) as server:
+        time.sleep(1)            # ready answered by one worker; give the other a moment to listen too
         yield server
 
 
@@ -117,3 +128,53 @@ def test_workers_stop_when_their_supervisor_is_killed(workers_server: Server) ->
     workers_server.process.kill()                    # SIGKILL: the supervisor cannot stop them itself
     workers_server.process.wait(10)
     wait_until(lambda: not any(running(pid) for pid in pids), 30, "workers outlived their supervisor")
+
+
+def burst_of_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections opened at once, as a load generator opens them (non-blocking connects)."""
+    clients = []
+    for _ in range(count):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        clients.append(client)
+    return clients
+
+
+def connections_per_worker(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections to `port` held by each process, from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":      # 01: ESTABLISHED
+                inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        counts[pid] = sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+    return counts
+
+
+def test_with_reuse_port_a_burst_of_connections_is_spread_over_the_workers(models_dir: Path,  # noqa: F811
+                                                                           tmp_path: Path) -> None:
+    """64 connections opened while one worker is busy (here: stopped for a moment). On one shared
+    socket the idle worker takes them all, and keeps them (clients reuse their connections); with a
+    socket per worker the kernel hashes them over both, and the busy one takes its half when free."""
+    with started_workers(models_dir, tmp_path, VAE_REUSE_PORT="true") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        pids = [pid for pid in worker_pids(server) if running(pid)]
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            clients = burst_of_connections(port, 64)
+            time.sleep(0.5)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        try:
+            wait_until(lambda: sum(connections_per_worker(pids, port).values()) == 64, 30, "connections not accepted")
+            counts = connections_per_worker(pids, port)
+        finally:
+            for client in clients:
+                client.close()
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    assert len(counts) == WORKERS and min(counts.values()) >= 16, counts      # Binomial(64, 1/2) < 16: 3e-5
