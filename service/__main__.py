@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from .logs import configure_logging
 from .settings import Settings
 
 APP = "service.__main__:served_app"
+log = logging.getLogger("service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if count > 1 and settings.reuse_port:
             # uvicorn.run with workers, but on a socket the workers can each listen beside
             config = uvicorn.Config(APP, **options)
-            Multiprocess(config, sockets=[workers.shared_listener(settings.host, settings.port)]).run()
+            listener = workers.shared_listener(settings.host, settings.port)
+            log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *listener.getsockname()[:2])
+            Multiprocess(config, sockets=[listener]).run()
         else:
             uvicorn.run(APP, **options)
     finally:
