@@ -161,25 +161,27 @@ def one_connection_table(rounds: list[OneConnectionRound], low: int) -> list[str
 def throughput(contenders: list[Contender], results: Results, duration: float) -> list[str]:
     lines = ["## Throughput and latency, one image per request", "",
              "`server CPU` is the CPU time of the server's whole process tree during the measured window, per request "
-             "and as cores busy; on a shared machine it is steadier than req/s.", "",
+             "and as cores busy; on a shared machine it is steadier than req/s. `held by` is how many of wrk's "
+             "connections each server process held midway through the window (several processes: several workers "
+             "accepting).", "",
              "| contender | connections | req/s | p50 ms | p99 ms | errors (non-2xx / socket) | server CPU ms/req "
-             "| server cores | wrk CPU | load avg |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| server cores | wrk CPU | load avg | held by |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for contender in contenders:
         for connections in results.levels:
             run = pick(results.of(contender.key, connections))
             if run is None:
                 lines.append(f"| {contender.label} | {connections} | skipped: {contender.skip_reason or 'not run'} "
-                             "| | | | | | | |")
+                             "| | | | | | | | |")
             elif run.load is None:
-                lines.append(f"| {contender.label} | {connections} | failed: {run.error} | | | | | | | |")
+                lines.append(f"| {contender.label} | {connections} | failed: {run.error} | | | | | | | | |")
             else:
                 load = run.load
                 cpu = run.server_cpu_s / load.requests * 1e3 if load.requests else math.nan
                 lines.append(f"| {contender.label} | {connections} | {load.rps:.1f} | {ms(load.p50)} | {ms(load.p99)} "
                              f"| {load.status_errors} / {load.socket_errors} | {cpu:.2f} | "
                              f"{run.server_cpu_s / load.seconds:.2f} | {load.wrk_cpu_seconds / load.seconds:.0%} | "
-                             f"{run.load_avg:.2f} |")
+                             f"{run.load_avg:.2f} | {'/'.join(map(str, run.held_by)) or '–'} |")
     return [*lines, ""]
 
 

@@ -16,6 +16,24 @@ from pathlib import Path
 import httpx
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ESTABLISHED = "01"             # the state column of /proc/net/tcp
+
+
+def connections_by_process(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections to local `port` held by each of `pids` (from /proc): which
+    process the load generator's connections landed on."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == ESTABLISHED:
+                    inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):        # a process that just exited
+            counts[pid] = sum(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+    return counts
 
 
 def free_port() -> int:
@@ -76,6 +94,12 @@ class Server:
             return Path("/proc", pid, "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             return []
+
+    def connections_per_process(self) -> list[int]:
+        """How many of the open connections to its port each process of the server holds, most first
+        (processes holding none left out)."""
+        port = int(self.base_url.rsplit(":", 1)[1])
+        return sorted((n for n in connections_by_process(self.session_pids(), port).values() if n), reverse=True)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of every live process in the server's session."""

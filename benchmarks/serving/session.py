@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Run:
     load_avg: float = 0.0
     response_bytes: int = 0
     metrics: promstats.Snapshot | None = None
+    held_by: list[int] = field(default_factory=list)     # wrk's connections per server process, midway
 
 
 @dataclass
@@ -107,7 +109,14 @@ def run_session(contender: Contender, setup: Setup, bodies: dict[str, tuple[Path
         run_wrk(wrk, url, body_path, content_type, connections, args.warmup)
         _drain(server, contender, body_path.read_bytes(), content_type)
         before, cpu_before = _scrape(server, contender), server.cpu_seconds()
-        run.load = run_wrk(wrk, url, body_path, content_type, connections, args.duration)
+        # wrk keeps its connections: which process holds them is set when they open, so one look will do
+        midway = threading.Timer(args.duration / 2,
+                                 lambda: setattr(run, "held_by", server.connections_per_process()))
+        midway.start()
+        try:
+            run.load = run_wrk(wrk, url, body_path, content_type, connections, args.duration)
+        finally:
+            midway.cancel()
         run.server_cpu_s = server.cpu_seconds() - cpu_before
         after = _scrape(server, contender)
         if before is not None and after is not None:
