@@ -159,7 +159,7 @@ class ServableVAE(nn.Module):
         spread of peak (its 99th percentile minus median), plus each window's distance above its
         expectation (one per statistic) divided by the spread of local, shared among the pixels the
         window covers. `local` keeps only the second term. Zero where neither sees anything unusual."""
-        logits, windows = self._local_pass(x)
+        logits, _, windows = self._local_pass(x)
         local = self._local_spread(windows, x.shape[2], x.shape[3]) / self.combined_scale[1]
         if self.score_kind == "local":
             return local
@@ -174,7 +174,7 @@ class ServableVAE(nn.Module):
             excess = self.excess_map(x)
             return (excess.flatten(1).sum(1) if kind == "excess" else self.peak_score(excess)), excess
         if kind == "local" or kind == "combined":
-            logits, windows = self._local_pass(x)
+            logits, _, windows = self._local_pass(x)
             local_score = self._local_score(windows)
             local = self._local_spread(windows, x.shape[2], x.shape[3]) / self.combined_scale[1]
             if kind == "local":
@@ -212,12 +212,13 @@ class ServableVAE(nn.Module):
         """`combined`: peak and local, each standardised on held-out images, added."""
         return ((torch.stack([peak, local], 1) - self.combined_center) / self.combined_scale).sum(1)
 
-    def _local_pass(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The decoder's logits at z = mu, and every window's distance from normal (B, L) per scale."""
+    def _local_pass(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The decoder's logits at z = mu, the reconstruction they give, and every window's distance
+        from normal (B, L) per scale."""
         mu, _ = self.vae.encode(x)
         logits = self.vae.decode_logits(mu)
         recon = self.vae.mean(logits)
-        return logits, [density(x, recon) for density in self.local]
+        return logits, recon, [density(x, recon) for density in self.local]
 
     def _local_score(self, windows: list[Tensor]) -> Tensor:
         """`local`: the mean of the farthest `local_share` of the windows, all scales together (B,)."""
@@ -240,10 +241,7 @@ class ServableVAE(nn.Module):
     def _fused(self, x: Tensor, with_map: bool) -> tuple[Tensor, Tensor]:
         """`fused` (B,) and, if asked, its map (B, H, W) (else an empty tensor), from one decoder pass:
         each part standardised, the map each part's map divided by that part's spread."""
-        mu, _ = self.vae.encode(x)
-        logits = self.vae.decode_logits(mu)
-        recon = self.vae.mean(logits)
-        windows = [density(x, recon) for density in self.local]
+        logits, recon, windows = self._local_pass(x)
         excess, defects = self._box(self._excess_map(x, logits)), self._defect_box(x, recon)
         parts = torch.stack([self._top_mean(excess, self.peak_share), self._local_score(windows),
                              self._top_mean(defects, self.peak_share)], 1)
@@ -256,7 +254,7 @@ class ServableVAE(nn.Module):
 
     def _peak_and_local(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The peak and local scores (B,) each, from one decoder pass."""
-        logits, windows = self._local_pass(x)
+        logits, _, windows = self._local_pass(x)
         return self.peak_score(self._excess_map(x, logits)), self._local_score(windows)
 
     @torch.jit.unused
@@ -288,8 +286,9 @@ class ServableVAE(nn.Module):
         with torch.no_grad():
             for start in range(0, len(held_out), batch_size):
                 x = held_out[start:start + batch_size]
-                peak, local = self._peak_and_local(x)
-                learned = (self._top_mean(self._defect_box(x, self(x)), self.peak_share) if self.segmenter_trained
+                logits, recon, windows = self._local_pass(x)          # one decoder pass for all three parts
+                peak, local = self.peak_score(self._excess_map(x, logits)), self._local_score(windows)
+                learned = (self._top_mean(self._defect_box(x, recon), self.peak_share) if self.segmenter_trained
                            else torch.zeros_like(peak))
                 parts.append(torch.stack([peak, local, learned], 1))
         values = torch.cat(parts).double()
