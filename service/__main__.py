@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                                "timeout_graceful_shutdown": 30, "timeout_worker_healthcheck": 60}
     try:
         if count > 1 and settings.reuse_port:
-            # uvicorn.run with workers, but on a socket the workers can each listen beside
+            # uvicorn.run with workers, but on a socket per worker slot instead of one shared socket
             config = uvicorn.Config(APP, **options)
-            listener = workers.shared_listener(settings.host, settings.port)
-            log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *listener.getsockname()[:2])
-            Multiprocess(config, sockets=[listener]).run()
+            slots = workers.slot_listeners(settings.host, settings.port, count, config.backlog)
+            log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *slots[0].getsockname()[:2])
+            Multiprocess(config, sockets=slots).run()
         else:
             uvicorn.run(APP, **options)
     finally:
@@ -82,23 +82,50 @@ def served_app() -> FastAPI:
     configure_logging(settings.log_level)
     pause_before_closing_idle_connections()
     if settings.reuse_port and workers.several():
-        listen_on_own_sockets()
+        accept_on_one_slot()
     return create_app(settings)
 
 
-def listen_on_own_sockets() -> None:
-    """Each worker listens on a socket of its own beside the one the supervisor shares (see
-    service/workers.py). uvicorn builds its Server inside each worker before loading the app, so,
+def accept_on_one_slot() -> None:
+    """Each worker is handed every slot's socket (service/workers.py) and accepts on the first free
+    slot; a rolling restart's new worker, finding all of them held, takes the one its old worker
+    gives up as it stops. uvicorn builds its Server inside each worker before loading the app, so,
     as for the shutdown below, the method is wrapped here."""
     original = uvicorn.Server.startup
-    if getattr(original, "own_sockets", False):
+    if getattr(original, "one_slot", False):
         return
 
     async def startup(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
-        await original(self, None if sockets is None else [workers.own_listener(sock) for sock in sockets])
+        await original(self, None if sockets is None else [])
+        if sockets is not None:
+            self.slot_claim = asyncio.create_task(accept_on_a_free_slot(self, sockets))  # type: ignore[attr-defined]
 
-    startup.own_sockets = True                    # type: ignore[attr-defined]
+    startup.one_slot = True                       # type: ignore[attr-defined]
     uvicorn.Server.startup = startup              # type: ignore[method-assign]
+
+
+async def accept_on_a_free_slot(server: uvicorn.Server, slots: list[socket.socket], poll_s: float = 0.01) -> None:
+    """Claim a free slot, waiting for one if need be, and accept on its socket until the shutdown."""
+    config = server.config
+
+    def protocol() -> asyncio.Protocol:         # what uvicorn's startup gives the sockets it is handed
+        return config.http_protocol_class(config=config, server_state=server.server_state,  # type: ignore[call-arg]
+                                          app_state=server.lifespan.state)
+
+    while not server.should_exit:
+        slot = workers.claim_slot(len(slots))
+        if slot is None:
+            await asyncio.sleep(poll_s)
+            continue
+        listening = await asyncio.get_running_loop().create_server(protocol, sock=slots[slot], ssl=config.ssl,
+                                                                   backlog=config.backlog)
+        server.servers.append(listening)
+        if server.should_exit:                    # the shutdown began while this one started
+            listening.close()
+            workers.release_slot()
+            return
+        log.info("accepting on slot %d of %d", slot + 1, len(slots))
+        return
 
 
 def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:
@@ -114,6 +141,7 @@ def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:
     async def shutdown(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()                        # stop accepting; uvicorn's own close repeats it
+        workers.release_slot()                    # (VAE_REUSE_PORT) to the worker replacing this one
         await asyncio.sleep(pause_s)
         await original(self, sockets)
 

@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     reuse_port: bool = Field(False, description="with several workers, give each its own listening socket "
                                                 "(SO_REUSEPORT): the kernel spreads connections evenly over them, "
                                                 "where on one shared socket whichever worker wakes first takes a "
-                                                "burst of them. Off by default: a worker that stops (a reload's "
-                                                "rolling restart) then resets the connections still waiting on its "
-                                                "socket, unless the kernel moves them (net.ipv4.tcp_migrate_req=1)")
+                                                "burst of them. Off by default: if a worker dies, the connections "
+                                                "the kernel sends to its socket wait for the worker that replaces "
+                                                "it (a reload's rolling restart hands the socket over at once)")
     fast_lane: bool = Field(True, description="answer one raw image POSTed to /anomaly-score (no query but "
                                               "fpr) on a lean path beside FastAPI: the same answer for about a "
                                               "third less CPU")

@@ -9,16 +9,18 @@ process) for a rolling restart with SIGHUP: each new worker loads that artifact 
 its old one is stopped, so the port never goes unserved. A worker whose supervisor is killed
 outright stops by itself.
 
-With `VAE_REUSE_PORT=true` each worker listens on a socket of its own (SO_REUSEPORT) rather than
-the one the supervisor shares: the kernel then spreads connections over the workers by a hash of
-the client's address, where on the shared socket the first worker awake takes a whole burst (64
-persistent connections split from 2/62 to 29/35 in eight runs here; p99 127 ms at 2/62, 71 ms at
-29/35).
+With `VAE_REUSE_PORT=true` each worker accepts on a listening socket of its own (a slot) rather
+than on the one socket all of them share (SO_REUSEPORT): the kernel then spreads connections over
+the workers by a hash of the client's address, where on the shared socket the first worker awake
+takes a whole burst (64 persistent connections split from 2/62 to 29/35 in eight runs here; p99
+127 ms at 2/62, 71 ms at 29/35). The supervisor owns the slots' sockets, so a worker that stops
+hands its slot, with the connections waiting on it, to the worker that replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -114,22 +116,50 @@ def worker_exiting() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 
-def shared_listener(host: str, port: int) -> socket.socket:
-    """The socket the supervisor hands its workers, bound but not listening, with SO_REUSEPORT so
-    that each worker can bind a listener of its own beside it (`own_listener`)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
+def slot_listeners(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
+    """The supervisor's: one listening socket per worker slot, all on one address (SO_REUSEPORT), so
+    the kernel hashes connections over them. Every worker is handed all of them and accepts on one
+    (`claim_slot`). They stay open in the supervisor while it runs: a worker that stops closes only
+    its own copy, and the connections waiting on its slot wait for the worker that takes the slot
+    over instead of being reset (as a socket's last close would do to them)."""
+    listeners = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+        listeners.append(sock)
+    return listeners
 
 
-def own_listener(shared: socket.socket) -> socket.socket:
-    """A socket of this worker's own on the shared socket's address (only listening sockets are
-    given connections, so the shared one, never listened on, gets none)."""
-    sock = socket.socket(shared.family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(shared.getsockname()[:2])
-    return sock
+_held_slot: int | None = None         # the lock file's descriptor while this worker holds a slot
+
+
+def claim_slot(count: int) -> int | None:
+    """The first of `count` slots no other worker holds, now held by this one (an flock, which the
+    kernel also releases if this process dies); None while every slot is held, as it is for a
+    rolling restart's new worker until its old one stops."""
+    global _held_slot
+    state = _state()
+    if state is None:
+        raise RuntimeError("slots are for workers of a running multi-process server")
+    for slot in range(count):
+        descriptor = os.open(state / f"slot-{slot}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            continue
+        _held_slot = descriptor
+        return slot
+    return None
+
+
+def release_slot() -> None:
+    """Give this worker's slot up (once it has stopped accepting on it) to the worker replacing it."""
+    global _held_slot
+    if _held_slot is not None:
+        os.close(_held_slot)                    # closing the only descriptor drops the flock
+        _held_slot = None

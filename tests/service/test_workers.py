@@ -2,7 +2,8 @@
 multi-core machine: /metrics counts the whole server whichever worker answers, a reload asked of
 one worker reaches all of them without a failed request, a restart onto a broken artifact keeps
 the old workers, SIGTERM stops everything cleanly, and workers do not outlive a killed supervisor. With
-VAE_REUSE_PORT=true a burst of connections is spread evenly over the workers."""
+VAE_REUSE_PORT=true a burst of connections is spread evenly over the workers, and a rolling restart
+resets none of the connections waiting to be accepted."""
 
 from __future__ import annotations
 
@@ -166,3 +167,46 @@ def test_with_reuse_port_a_burst_of_connections_is_spread_over_the_workers(model
                 client.close()
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
     assert len(counts) == WORKERS and min(counts.values()) >= 16, counts      # Binomial(64, 1/2) < 16: 3e-5
+
+
+def churn(url: str, body: bytes, stop: threading.Event, outcomes: list[str]) -> None:
+    """One image scored per new connection, as fast as they are answered: connections are waiting
+    to be accepted whenever a worker stops."""
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    request = (f"POST /anomaly-score HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    while not stop.is_set():
+        try:
+            with socket.create_connection((host, int(port)), timeout=30) as client:
+                client.sendall(request)
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+            outcomes.append(answer.split(b" ", 2)[1].decode() if answer else "no answer")
+        except OSError as error:
+            outcomes.append(type(error).__name__)
+
+
+def test_with_reuse_port_a_rolling_restart_drops_no_connection(models_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                digit_images) -> None:  # noqa: ANN001
+    """A stopping worker's listening socket stays open in the supervisor: the connections waiting
+    on it are taken by the worker that replaces it, not reset."""
+    with started_workers(models_dir, tmp_path, VAE_REUSE_PORT="true") as server:
+        outcomes: list[str] = []
+        stop = threading.Event()
+        body = png_bytes(digit_images[2])
+        clients = [threading.Thread(target=churn, args=(server.url, body, stop, outcomes)) for _ in range(16)]
+        for client in clients:
+            client.start()
+        try:
+            server.process.send_signal(signal.SIGHUP)              # uvicorn's rolling restart, as a reload asks
+            wait_until(lambda: len(worker_pids(server)) >= 2 * WORKERS
+                       and sum(running(pid) for pid in worker_pids(server)) == WORKERS, 90,
+                       "the workers were not replaced")
+            time.sleep(1)
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(60)
+        failures = {outcome: outcomes.count(outcome) for outcome in set(outcomes) if outcome != "200"}
+        assert len(outcomes) > 500 and not failures, (len(outcomes), failures)
