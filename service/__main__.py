@@ -16,12 +16,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from . import workers
+from . import slots, workers
 from .app import create_app
 from .logs import configure_logging
 from .settings import Settings
+from .slots import SlotAcceptor
 
 APP = "service.__main__:served_app"
 log = logging.getLogger("service")
@@ -60,15 +62,23 @@ def main(argv: list[str] | None = None) -> int:
                                "timeout_graceful_shutdown": 30, "timeout_worker_healthcheck": 60}
     try:
         if count > 1 and settings.reuse_port:
-            # uvicorn.run with workers, but on a socket per worker slot instead of one shared socket
-            config = uvicorn.Config(APP, **options)
-            slots = workers.slot_listeners(settings.host, settings.port, count, config.backlog)
-            log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *slots[0].getsockname()[:2])
-            Multiprocess(config, sockets=slots).run()
-        else:
-            uvicorn.run(APP, **options)
+            return serve_on_slots(uvicorn.Config(APP, **options), count)
+        uvicorn.run(APP, **options)
     finally:
         workers.clean_up(shared_state)
+    return 0
+
+
+def serve_on_slots(config: uvicorn.Config, count: int) -> int:
+    """uvicorn.run with workers, but on a listening socket per worker slot instead of one shared
+    socket (VAE_REUSE_PORT, service/slots.py)."""
+    try:
+        sockets = slots.listeners(config.host, config.port, count, config.backlog)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror)
+        return STARTUP_FAILURE                    # what uvicorn exits with when its own socket cannot bind
+    log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *sockets[0].getsockname()[:2])
+    Multiprocess(config, sockets=sockets).run()
     return 0
 
 
@@ -87,10 +97,9 @@ def served_app() -> FastAPI:
 
 
 def accept_on_one_slot() -> None:
-    """Each worker is handed every slot's socket (service/workers.py) and accepts on the first free
-    slot; a rolling restart's new worker, finding all of them held, takes the one its old worker
-    gives up as it stops. uvicorn builds its Server inside each worker before loading the app, so,
-    as for the shutdown below, the method is wrapped here."""
+    """Each worker is handed every slot's socket and accepts on one (service/slots.py). uvicorn
+    builds its Server inside each worker before loading the app, so, as for the shutdown below, the
+    method is wrapped here."""
     original = uvicorn.Server.startup
     if getattr(original, "one_slot", False):
         return
@@ -98,34 +107,11 @@ def accept_on_one_slot() -> None:
     async def startup(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
         await original(self, None if sockets is None else [])
         if sockets is not None:
-            self.slot_claim = asyncio.create_task(accept_on_a_free_slot(self, sockets))  # type: ignore[attr-defined]
+            self.slot_acceptor = SlotAcceptor(self, sockets)                  # type: ignore[attr-defined]
+            self.slot_acceptor_task = asyncio.create_task(self.slot_acceptor.run())  # type: ignore[attr-defined]
 
     startup.one_slot = True                       # type: ignore[attr-defined]
     uvicorn.Server.startup = startup              # type: ignore[method-assign]
-
-
-async def accept_on_a_free_slot(server: uvicorn.Server, slots: list[socket.socket], poll_s: float = 0.01) -> None:
-    """Claim a free slot, waiting for one if need be, and accept on its socket until the shutdown."""
-    config = server.config
-
-    def protocol() -> asyncio.Protocol:         # what uvicorn's startup gives the sockets it is handed
-        return config.http_protocol_class(config=config, server_state=server.server_state,  # type: ignore[call-arg]
-                                          app_state=server.lifespan.state)
-
-    while not server.should_exit:
-        slot = workers.claim_slot(len(slots))
-        if slot is None:
-            await asyncio.sleep(poll_s)
-            continue
-        listening = await asyncio.get_running_loop().create_server(protocol, sock=slots[slot], ssl=config.ssl,
-                                                                   backlog=config.backlog)
-        server.servers.append(listening)
-        if server.should_exit:                    # the shutdown began while this one started
-            listening.close()
-            workers.release_slot()
-            return
-        log.info("accepting on slot %d of %d", slot + 1, len(slots))
-        return
 
 
 def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:
@@ -141,7 +127,8 @@ def pause_before_closing_idle_connections(pause_s: float = 0.2) -> None:
     async def shutdown(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()                        # stop accepting; uvicorn's own close repeats it
-        workers.release_slot()                    # (VAE_REUSE_PORT) to the worker replacing this one
+        if acceptor := getattr(self, "slot_acceptor", None):
+            acceptor.stop()                       # (VAE_REUSE_PORT) its slots go to the workers after it
         await asyncio.sleep(pause_s)
         await original(self, sockets)
 

@@ -83,12 +83,10 @@ class Settings(BaseSettings):
     max_queue_wait_s: float = Field(2.0, gt=0, description="a request that would wait longer for the model "
                                                          "is refused at once with 503 and Retry-After")
 
-    reuse_port: bool = Field(False, description="with several workers, give each its own listening socket "
-                                                "(SO_REUSEPORT): the kernel spreads connections evenly over them, "
-                                                "where on one shared socket whichever worker wakes first takes a "
-                                                "burst of them. Off by default: if a worker dies, the connections "
-                                                "the kernel sends to its socket wait for the worker that replaces "
-                                                "it (a reload's rolling restart hands the socket over at once)")
+    reuse_port: bool = Field(True, description="with several workers, give each its own listening socket "
+                                               "(SO_REUSEPORT) and the kernel spreads connections evenly over "
+                                               "them; false: all of them accept from one shared socket, and "
+                                               "whichever worker wakes first takes a burst of connections")
     fast_lane: bool = Field(True, description="answer one raw image POSTed to /anomaly-score (no query but "
                                               "fpr) on a lean path beside FastAPI: the same answer for about a "
                                               "third less CPU")

@@ -13,18 +13,15 @@ With `VAE_REUSE_PORT=true` each worker accepts on a listening socket of its own 
 than on the one socket all of them share (SO_REUSEPORT): the kernel then spreads connections over
 the workers by a hash of the client's address, where on the shared socket the first worker awake
 takes a whole burst (64 persistent connections split from 2/62 to 29/35 in eight runs here; p99
-127 ms at 2/62, 71 ms at 29/35). The supervisor owns the slots' sockets, so a worker that stops
-hands its slot, with the connections waiting on it, to the worker that replaces it.
+127 ms at 2/62, 71 ms at 29/35). service/slots.py says how the slots are kept served.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import shutil
 import signal
-import socket
 import tempfile
 from pathlib import Path
 
@@ -54,19 +51,20 @@ def clean_up(state: Path | None) -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _state() -> Path | None:
+def state_dir() -> Path | None:
+    """The server's shared directory, in a worker of a multi-process server."""
     value = os.environ.get(STATE_DIR)
     return Path(value) if value else None
 
 
 def several() -> bool:
     """True in a worker of a multi-process server."""
-    return _state() is not None
+    return state_dir() is not None
 
 
 def artifact_to_serve(configured: Path) -> Path:
     """The artifact the last reload chose, else the configured one."""
-    state = _state()
+    state = state_dir()
     chosen = state / _ARTIFACT if state else None
     return Path(chosen.read_text()) if chosen is not None and chosen.exists() else configured
 
@@ -74,12 +72,12 @@ def artifact_to_serve(configured: Path) -> Path:
 def has_served() -> bool:
     """Whether a worker of this server has served a model: then a worker that cannot load one is a
     failed restart (the old worker should stay), not a first start (which waits, not ready)."""
-    state = _state()
+    state = state_dir()
     return state is not None and (state / _SERVED).exists()
 
 
 def mark_served() -> None:
-    state = _state()
+    state = state_dir()
     if state is not None:
         (state / _SERVED).touch()
 
@@ -87,7 +85,7 @@ def mark_served() -> None:
 def roll_out(artifact: Path) -> None:
     """Serve `artifact` from now on, in every worker: record it, then ask the supervisor to replace
     the workers one by one (the file is swapped in atomically, so no worker reads half a path)."""
-    state, supervisor = _state(), _supervisor()
+    state, supervisor = state_dir(), _supervisor()
     if state is None or os.getppid() != supervisor:        # never signal whoever adopted an orphan
         raise RuntimeError("roll_out is for workers of a running multi-process server")
     pending = state / f"{_ARTIFACT}.{os.getpid()}"
@@ -114,52 +112,3 @@ def worker_exiting() -> None:
     """Drop this process's live gauges (in flight, ready, model) from the shared metrics."""
     if os.environ.get(METRICS_DIR) and several():
         multiprocess.mark_process_dead(os.getpid())
-
-
-def slot_listeners(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
-    """The supervisor's: one listening socket per worker slot, all on one address (SO_REUSEPORT), so
-    the kernel hashes connections over them. Every worker is handed all of them and accepts on one
-    (`claim_slot`). They stay open in the supervisor while it runs: a worker that stops closes only
-    its own copy, and the connections waiting on its slot wait for the worker that takes the slot
-    over instead of being reset (as a socket's last close would do to them)."""
-    listeners = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.set_inheritable(True)
-        listeners.append(sock)
-    return listeners
-
-
-_held_slot: int | None = None         # the lock file's descriptor while this worker holds a slot
-
-
-def claim_slot(count: int) -> int | None:
-    """The first of `count` slots no other worker holds, now held by this one (an flock, which the
-    kernel also releases if this process dies); None while every slot is held, as it is for a
-    rolling restart's new worker until its old one stops."""
-    global _held_slot
-    state = _state()
-    if state is None:
-        raise RuntimeError("slots are for workers of a running multi-process server")
-    for slot in range(count):
-        descriptor = os.open(state / f"slot-{slot}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            continue
-        _held_slot = descriptor
-        return slot
-    return None
-
-
-def release_slot() -> None:
-    """Give this worker's slot up (once it has stopped accepting on it) to the worker replacing it."""
-    global _held_slot
-    if _held_slot is not None:
-        os.close(_held_slot)                    # closing the only descriptor drops the flock
-        _held_slot = None

@@ -12,9 +12,12 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,7 +25,7 @@ import pytest
 
 from benchmarks.serving.servers import connections_by_process
 from tests.service.conftest import png_bytes
-from tests.service.test_lifecycle import Server, ready, running_server, wait_until
+from tests.service.test_lifecycle import ROOT, Server, ready, running_server, wait_until
 from tests.service.test_reload import models_dir  # noqa: F401  (the fixture)
 
 WORKERS = 2
@@ -210,3 +213,54 @@ def test_with_reuse_port_a_rolling_restart_drops_no_connection(models_dir: Path,
                 client.join(60)
         failures = {outcome: outcomes.count(outcome) for outcome in set(outcomes) if outcome != "200"}
         assert len(outcomes) > 500 and not failures, (len(outcomes), failures)
+
+
+def test_with_reuse_port_a_dead_workers_slot_is_served_until_its_replacement_takes_it(
+        models_dir: Path, tmp_path: Path, digit_images) -> None:  # noqa: ANN001, F811
+    """A worker killed outright leaves its slot's socket to the supervisor: the other worker accepts
+    there within a fraction of a second (the replacement takes seconds to load torch and the model),
+    and hands it back once the replacement asks for a slot."""
+    with started_workers(models_dir, tmp_path, VAE_REUSE_PORT="true") as server:
+        port, body = int(server.url.rsplit(":", 1)[1]), png_bytes(digit_images[3])
+        victim = worker_pids(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+        # new connections, about half of them hashed to the dead slot; its replacement answers no sooner
+        # than about 4 s after the kill here (a new process imports torch and loads the model)
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/anomaly-score", content=body, timeout=2,
+                                                          headers={"Content-Type": "image/png"}).status_code,
+                                     range(32)))
+        assert statuses == [200] * 32
+        assert any("had no worker" in line.get("message", "") for line in server.lines())
+
+        wait_until(lambda: any("handed to a new worker" in line.get("message", "") for line in server.lines())
+                   and sum(running(pid) for pid in worker_pids(server)) == WORKERS, 90, "no replacement took the slot")
+        live = [pid for pid in worker_pids(server) if running(pid)]
+        clients = burst_of_connections(port, 64)
+        try:
+            wait_until(lambda: sum(connections_by_process(live, port).values()) == 64, 30, "connections not accepted")
+            counts = connections_by_process(live, port)
+        finally:
+            for client in clients:
+                client.close()
+    assert len(counts) == WORKERS and min(counts.values()) >= 16, counts     # the replacement has its own slot
+
+
+@pytest.mark.parametrize("reuse_port", ["true", "false"])
+def test_a_port_already_listened_on_stops_the_server_with_a_message(models_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                    reuse_port: str) -> None:
+    """SO_REUSEPORT alone would let a second server of the same user bind beside a running one and
+    take a share of its connections unnoticed."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)     # as a running server's slot has it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "VAE_WORKERS": str(WORKERS), "VAE_REUSE_PORT": reuse_port}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        finished = subprocess.run([sys.executable, "-m", "service", "--model", str(models_dir / "digits.pt"),
+                                   "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=60)
+    assert finished.returncode == 3                                      # uvicorn's STARTUP_FAILURE
+    assert "address already in use" in finished.stderr.lower(), finished.stderr[-2000:]
