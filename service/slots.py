@@ -1,4 +1,4 @@
-"""With VAE_REUSE_PORT: a listening socket per worker slot, and every slot kept served.
+"""With VAE_REUSE_PORT (the default): a listening socket per worker slot, every slot kept served.
 
 The supervisor opens one listening socket per worker on the same address (SO_REUSEPORT), and the
 kernel hashes new connections over them. Every worker is handed all of them and accepts on one:
@@ -14,7 +14,8 @@ socket's last close would do to them).
   seeing the slot free at two checks in a row (`FOSTER_CHECK_S` apart, far longer than a waiting
   worker takes to claim one), accepts there too until a new worker asks for a slot.
 
-This module knows uvicorn's Server (it adds listeners to it) but nothing of the app.
+This module knows uvicorn's Server (its listeners speak the Server's HTTP protocol) but nothing of
+the app.
 """
 
 from __future__ import annotations
@@ -102,10 +103,8 @@ class SlotLocks:
             try:
                 os.kill(pid, 0)
                 return True
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):   # gone (the pid may be another user's now)
                 marker.unlink(missing_ok=True)
-            except PermissionError:             # alive, someone else's: not one of ours, but alive
-                return True
         return False
 
 
