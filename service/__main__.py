@@ -17,7 +17,6 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
 
 from . import slots, workers
 from .app import create_app
@@ -78,7 +77,7 @@ def serve_on_slots(config: uvicorn.Config, count: int) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror)
         return STARTUP_FAILURE                    # what uvicorn exits with when its own socket cannot bind
     log.info("listening on %s:%d, a socket per worker (VAE_REUSE_PORT)", *sockets[0].getsockname()[:2])
-    Multiprocess(config, sockets=sockets).run()
+    slots.SlotSupervisor(config, sockets=sockets).run()
     return 0
 
 

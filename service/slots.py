@@ -29,6 +29,7 @@ import socket
 from pathlib import Path
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from . import workers
 
@@ -41,20 +42,34 @@ def listeners(host: str, port: int, count: int, backlog: int) -> list[socket.soc
     """The supervisor's: `count` listening sockets on one address, one per worker slot. OSError if
     anything listens there already: with SO_REUSEPORT alone, a second server of the same user would
     bind beside the first and silently take a share of its connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:         # without SO_REUSEPORT: fails if taken
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:   # without SO_REUSEPORT: fails if taken
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.set_inheritable(True)
-        sockets.append(sock)
-    return sockets
+    return [listener(host, port, backlog) for _ in range(count)]
+
+
+def listener(host: str, port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class SlotSupervisor(Multiprocess):
+    """uvicorn's supervisor, handing its workers the slots' sockets. SIGTTIN (one more worker) opens
+    a slot for the new worker first, or it would find every slot held and accept nothing. SIGTTOU
+    (one fewer) leaves the stopped worker's slot to the others, as a dead worker's."""
+
+    def handle_ttin(self) -> None:
+        self.sockets = [*self.sockets, listener(self.config.host, self.config.port, self.config.backlog)]
+        super().handle_ttin()
 
 
 class SlotLocks:

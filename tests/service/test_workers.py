@@ -264,3 +264,22 @@ def test_a_port_already_listened_on_stops_the_server_with_a_message(models_dir: 
                                   timeout=60)
     assert finished.returncode == 3                                      # uvicorn's STARTUP_FAILURE
     assert "address already in use" in finished.stderr.lower(), finished.stderr[-2000:]
+
+
+def test_sigttin_adds_a_worker_with_a_slot_of_its_own(models_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """uvicorn's signal for one more worker: the supervisor opens a socket for it, so the kernel
+    spreads connections over three workers, not two and an idle one."""
+    with started_workers(models_dir, tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        server.process.send_signal(signal.SIGTTIN)
+        wait_until(lambda: any(line.get("message") == f"accepting on slot {WORKERS + 1} of {WORKERS + 1}"
+                               for line in server.lines()), 90, "the new worker took no slot")
+        live = [pid for pid in worker_pids(server) if running(pid)]
+        clients = burst_of_connections(port, 96)
+        try:
+            wait_until(lambda: sum(connections_by_process(live, port).values()) == 96, 30, "connections not accepted")
+            counts = connections_by_process(live, port)
+        finally:
+            for client in clients:
+                client.close()
+    assert len(counts) == WORKERS + 1 and min(counts.values()) >= 12, counts    # any of 3 below 12: 2e-6
