@@ -65,11 +65,19 @@ def _family(host: str) -> socket.AddressFamily:
 class SlotSupervisor(Multiprocess):
     """uvicorn's supervisor, handing its workers the slots' sockets. SIGTTIN (one more worker) opens
     a slot for the new worker first, or it would find every slot held and accept nothing. SIGTTOU
-    (one fewer) leaves the stopped worker's slot to the others, as a dead worker's."""
+    (one fewer) leaves the stopped worker's slot to the others, as a dead worker's; but workers
+    started before a SIGTTIN lack the sockets opened since, so the rest are restarted (rolling) to
+    be handed all of them."""
 
     def handle_ttin(self) -> None:
         self.sockets = [*self.sockets, listener(self.config.host, self.config.port, self.config.backlog)]
         super().handle_ttin()
+
+    def handle_ttou(self) -> None:
+        workers_before = len(self.processes)
+        super().handle_ttou()
+        if len(self.processes) < workers_before:
+            self.restart_all()
 
 
 class SlotLocks:

@@ -266,7 +266,8 @@ def test_a_port_already_listened_on_stops_the_server_with_a_message(models_dir: 
     assert "address already in use" in finished.stderr.lower(), finished.stderr[-2000:]
 
 
-def test_sigttin_adds_a_worker_with_a_slot_of_its_own(models_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sigttin_adds_a_worker_with_a_slot_of_its_own_and_sigttou_leaves_its_slot_served(
+        models_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     """uvicorn's signal for one more worker: the supervisor opens a socket for it, so the kernel
     spreads connections over three workers, not two and an idle one."""
     with started_workers(models_dir, tmp_path) as server:
@@ -282,4 +283,27 @@ def test_sigttin_adds_a_worker_with_a_slot_of_its_own(models_dir: Path, tmp_path
         finally:
             for client in clients:
                 client.close()
-    assert len(counts) == WORKERS + 1 and min(counts.values()) >= 12, counts    # any of 3 below 12: 2e-6
+        assert len(counts) == WORKERS + 1 and min(counts.values()) >= 12, counts    # any of 3 below 12: 2e-6
+
+        added = worker_pids(server)[WORKERS]
+        server.process.send_signal(signal.SIGTTOU)          # one fewer (the last added): its slot must stay served
+        wait_until(lambda: not running(added), 30, "SIGTTOU stopped no worker")
+        wait_until(lambda: every_connection_accepted(server, port, 30), 90,
+                   "connections left waiting on a slot no worker serves")
+
+
+def every_connection_accepted(server: Server, port: int, count: int, within_s: float = 5) -> bool:
+    """Whether a burst of `count` new connections is all accepted by the server's live workers (a
+    third of them hashed to a slot nobody serves would wait in its backlog)."""
+    clients = burst_of_connections(port, count)
+    try:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            live = [pid for pid in worker_pids(server) if running(pid)]
+            if sum(connections_by_process(live, port).values()) == count:
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        for client in clients:
+            client.close()
