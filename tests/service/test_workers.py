@@ -236,14 +236,7 @@ def test_with_reuse_port_a_dead_workers_slot_is_served_until_its_replacement_tak
 
         wait_until(lambda: any("handed to a new worker" in line.get("message", "") for line in server.lines())
                    and sum(running(pid) for pid in worker_pids(server)) == WORKERS, 90, "no replacement took the slot")
-        live = [pid for pid in worker_pids(server) if running(pid)]
-        clients = burst_of_connections(port, 64)
-        try:
-            wait_until(lambda: sum(connections_by_process(live, port).values()) == 64, 30, "connections not accepted")
-            counts = connections_by_process(live, port)
-        finally:
-            for client in clients:
-                client.close()
+        counts = spread_of_a_burst([pid for pid in worker_pids(server) if running(pid)], port, 64)
     assert len(counts) == WORKERS and min(counts.values()) >= 16, counts     # the replacement has its own slot
 
 
@@ -275,14 +268,7 @@ def test_sigttin_adds_a_worker_with_a_slot_of_its_own_and_sigttou_leaves_its_slo
         server.process.send_signal(signal.SIGTTIN)
         wait_until(lambda: any(line.get("message") == f"accepting on slot {WORKERS + 1} of {WORKERS + 1}"
                                for line in server.lines()), 90, "the new worker took no slot")
-        live = [pid for pid in worker_pids(server) if running(pid)]
-        clients = burst_of_connections(port, 96)
-        try:
-            wait_until(lambda: sum(connections_by_process(live, port).values()) == 96, 30, "connections not accepted")
-            counts = connections_by_process(live, port)
-        finally:
-            for client in clients:
-                client.close()
+        counts = spread_of_a_burst([pid for pid in worker_pids(server) if running(pid)], port, 96)
         assert len(counts) == WORKERS + 1 and min(counts.values()) >= 12, counts    # any of 3 below 12: 2e-6
 
         added = worker_pids(server)[WORKERS]
@@ -304,6 +290,17 @@ def every_connection_accepted(server: Server, port: int, count: int, within_s: f
                 return True
             time.sleep(0.2)
         return False
+    finally:
+        for client in clients:
+            client.close()
+
+
+def spread_of_a_burst(pids: list[int], port: int, count: int) -> dict[int, int]:
+    """Connections held by each of `pids` once a burst of `count` new ones has all been accepted."""
+    clients = burst_of_connections(port, count)
+    try:
+        wait_until(lambda: sum(connections_by_process(pids, port).values()) == count, 30, "connections not accepted")
+        return connections_by_process(pids, port)
     finally:
         for client in clients:
             client.close()
