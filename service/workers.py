@@ -9,10 +9,10 @@ process) for a rolling restart with SIGHUP: each new worker loads that artifact 
 its old one is stopped, so the port never goes unserved. A worker whose supervisor is killed
 outright stops by itself.
 
-With `VAE_REUSE_PORT=true` each worker accepts on a listening socket of its own (a slot) rather
-than on the one socket all of them share (SO_REUSEPORT): the kernel then spreads connections over
-the workers by a hash of the client's address, where on the shared socket the first worker awake
-takes a whole burst (64 persistent connections split from 2/62 to 29/35 in eight runs here; p99
+By default (`VAE_REUSE_PORT`) each worker accepts on a listening socket of its own (a slot) rather
+than on one socket all of them share (SO_REUSEPORT): the kernel then spreads connections over the
+workers by a hash of the client's address, where on a shared socket the first worker awake takes
+a whole burst (64 persistent connections split from 2/62 to 29/35 in eight runs here; p99
 127 ms at 2/62, 71 ms at 29/35). service/slots.py says how the slots are kept served.
 """
 
