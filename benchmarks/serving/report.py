@@ -294,17 +294,22 @@ def every_run(contenders: list[Contender], results: Results) -> list[str]:
     rounds = sorted({r.round for r in results.runs})
     if len(rounds) < 2:
         return []
-    lines = ["## Every round", "", "req/s / p99 ms of each round; the tables above show the round with the median "
-             "req/s.", "", "| contender | connections | " + " | ".join(f"round {i + 1}" for i in rounds) + " |",
+    lines = ["## Every round", "", "req/s / p99 ms of each round, and where several server processes held wrk's "
+             "connections, how many each held; the tables above show the round with the median req/s.", "",
+             "| contender | connections | " + " | ".join(f"round {i + 1}" for i in rounds) + " |",
              "| --- | ---: |" + " ---: |" * len(rounds)]
     for contender in contenders:
         for connections in results.levels:
-            cells = []
-            for i in rounds:
-                run = next((r for r in results.of(contender.key, connections) if r.round == i), None)
-                cells.append(f"{run.load.rps:.1f} / {ms(run.load.p99)}" if run and run.load else "–")
-            lines.append(f"| {contender.label} | {connections} | " + " | ".join(cells) + " |")
+            runs = [next((r for r in results.of(contender.key, connections) if r.round == i), None) for i in rounds]
+            lines.append(f"| {contender.label} | {connections} | " + " | ".join(map(round_cell, runs)) + " |")
     return [*lines, ""]
+
+
+def round_cell(run: Run | None) -> str:
+    if run is None or run.load is None:
+        return "–"
+    split = f" ({'/'.join(map(str, run.held_by))})" if len(run.held_by) > 1 else ""
+    return f"{run.load.rps:.1f} / {ms(run.load.p99)}{split}"
 
 
 def skipped(contenders: list[Contender], results: Results) -> list[str]:
