@@ -13,6 +13,9 @@ socket's last close would do to them).
 - A worker that dies (a crash, the OOM killer): the kernel drops its lock, and another worker,
   seeing the slot free at two checks in a row (`FOSTER_CHECK_S` apart, far longer than a waiting
   worker takes to claim one), accepts there too until a new worker asks for a slot.
+- A worker whose event loop hangs without dying keeps its lock, and uvicorn's health check does not
+  see it (a thread of its own answers). Each worker's loop touches its slot's lock file every
+  `FOSTER_CHECK_S`; another worker accepts on a slot silent for `SILENT_S` too, until it beats again.
 
 This module knows uvicorn's Server (its listeners speak the Server's HTTP protocol) but nothing of
 the app.
@@ -26,6 +29,7 @@ import fcntl
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import uvicorn
@@ -35,6 +39,7 @@ from . import workers
 
 CLAIM_POLL_S = 0.01
 FOSTER_CHECK_S = 0.25
+SILENT_S = 2.0            # a slot whose holder's event loop has not beaten for this long is covered
 log = logging.getLogger("service")
 
 
@@ -98,7 +103,17 @@ class SlotLocks:
             os.close(descriptor)
             return False
         self.held[slot] = descriptor
+        os.utime(descriptor)                    # a new holder beats at once: its slot is not silent
         return True
+
+    def beat(self) -> None:
+        """Say that this worker's event loop runs: touch the lock file of every slot it holds."""
+        for descriptor in self.held.values():
+            os.utime(descriptor)
+
+    def silent_for(self, slot: int) -> float:
+        """Seconds since the holder of `slot` last beat."""
+        return time.time() - (self.state / f"slot-{slot}.lock").stat().st_mtime
 
     def release(self, slot: int) -> None:
         descriptor = self.held.pop(slot, None)
@@ -173,17 +188,23 @@ class SlotAcceptor:
         free_before: set[int] = set()
         while not self.server.should_exit:
             await asyncio.sleep(FOSTER_CHECK_S)
+            self.locks.beat()
             if self.locks.wanted_by_another():
-                for slot in [slot for slot in self.listening if slot != self.own]:
+                for slot in [slot for slot in self.listening if slot != self.own and slot in self.locks.held]:
                     self._stop_accepting(slot)
                     log.info("slot %d handed to a new worker", slot + 1)
                 free_before.clear()
                 continue
             free_now = set()
             for slot in range(len(self.sockets)):
-                if slot in self.locks.held or not self.locks.claim(slot):
+                if slot in self.locks.held:
                     continue
-                if slot in free_before:
+                if not self.locks.claim(slot):
+                    await self._cover_if_silent(slot)
+                elif slot in self.listening:
+                    log.warning("slot %d's silent worker is gone: accepting on it until a new worker takes it",
+                                slot + 1)
+                elif slot in free_before:
                     await self._accept(slot)
                     log.warning("slot %d had no worker: accepting on it too until a new worker takes it",
                                 slot + 1)
@@ -191,6 +212,16 @@ class SlotAcceptor:
                     self.locks.release(slot)   # free once: perhaps a worker is about to take it
                     free_now.add(slot)
             free_before = free_now
+
+    async def _cover_if_silent(self, slot: int) -> None:
+        """Accept on another worker's slot while its event loop is silent, and stop once it beats."""
+        silent_s = self.locks.silent_for(slot)
+        if silent_s > SILENT_S and slot not in self.listening:
+            await self._accept(slot)
+            log.warning("slot %d's worker has been silent for %.1f s: accepting on it too", slot + 1, silent_s)
+        elif silent_s <= SILENT_S and slot in self.listening:
+            self._stop_accepting(slot)
+            log.info("slot %d's worker answers again", slot + 1)
 
     async def _accept(self, slot: int) -> None:
         config, server = self.server.config, self.server

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from benchmarks.serving.servers import connections_by_process
+from service.slots import FOSTER_CHECK_S, SILENT_S
 from tests.service.conftest import png_bytes
 from tests.service.test_lifecycle import ROOT, Server, ready, running_server, wait_until
 from tests.service.test_reload import models_dir  # noqa: F401  (the fixture)
@@ -304,3 +305,25 @@ def spread_of_a_burst(pids: list[int], port: int, count: int) -> dict[int, int]:
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_silent_workers_slot_is_served_until_it_answers_again(models_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                 digit_images) -> None:  # noqa: ANN001
+    """A worker whose event loop hangs (here: stopped) keeps its slot's lock, and uvicorn's health
+    check does not notice (a thread answers it); the other worker accepts on the silent slot too."""
+    with started_workers(models_dir, tmp_path) as server:
+        body = png_bytes(digit_images[4])
+        silent = worker_pids(server)[0]
+        os.kill(silent, signal.SIGSTOP)
+        try:
+            time.sleep(SILENT_S + 2 * FOSTER_CHECK_S + 0.5)
+            with ThreadPoolExecutor(16) as pool:      # new connections, about half of them hashed to its slot
+                statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/anomaly-score", content=body,
+                                                              timeout=2, headers={"Content-Type": "image/png"}
+                                                              ).status_code, range(32)))
+        finally:
+            os.kill(silent, signal.SIGCONT)
+        assert statuses == [200] * 32
+        wait_until(lambda: any("answers again" in line.get("message", "") for line in server.lines()), 30,
+                   "the other worker kept the slot after its worker came back")
+        assert any("has been silent" in line.get("message", "") for line in server.lines())
