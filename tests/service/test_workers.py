@@ -224,6 +224,7 @@ def test_with_reuse_port_a_dead_workers_slot_is_served_until_its_replacement_tak
     with started_workers(models_dir, tmp_path, VAE_REUSE_PORT="true") as server:
         port, body = int(server.url.rsplit(":", 1)[1]), png_bytes(digit_images[3])
         victim = worker_pids(server)[0]
+        taken_before, handed_before = logged(server, "had no worker"), logged(server, "handed to a new worker")
         os.kill(victim, signal.SIGKILL)
         time.sleep(0.2)
         # new connections, about half of them hashed to the dead slot; its replacement answers no sooner
@@ -233,9 +234,10 @@ def test_with_reuse_port_a_dead_workers_slot_is_served_until_its_replacement_tak
                                                           headers={"Content-Type": "image/png"}).status_code,
                                      range(32)))
         assert statuses == [200] * 32
-        assert any("had no worker" in line.get("message", "") for line in server.lines())
+        assert logged(server, "had no worker") > taken_before
 
-        wait_until(lambda: any("handed to a new worker" in line.get("message", "") for line in server.lines())
+        # (a worker still loading at the start may have had its slot handed to it already)
+        wait_until(lambda: logged(server, "handed to a new worker") > handed_before
                    and sum(running(pid) for pid in worker_pids(server)) == WORKERS, 90, "no replacement took the slot")
         counts = spread_of_a_burst([pid for pid in worker_pids(server) if running(pid)], port, 64)
     assert len(counts) == WORKERS and min(counts.values()) >= 16, counts     # the replacement has its own slot
@@ -294,6 +296,11 @@ def every_connection_accepted(server: Server, port: int, count: int, within_s: f
     finally:
         for client in clients:
             client.close()
+
+
+def logged(server: Server, text: str) -> int:
+    """How many of the server's log lines say `text`."""
+    return sum(text in line.get("message", "") for line in server.lines())
 
 
 def spread_of_a_burst(pids: list[int], port: int, count: int) -> dict[int, int]:
