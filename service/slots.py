@@ -112,8 +112,11 @@ class SlotLocks:
             os.utime(descriptor)
 
     def silent_for(self, slot: int) -> float:
-        """Seconds since the holder of `slot` last beat."""
-        return time.time() - (self.state / f"slot-{slot}.lock").stat().st_mtime
+        """Seconds since the holder of `slot` last beat (0 once the server has removed the files)."""
+        try:
+            return time.time() - (self.state / f"slot-{slot}.lock").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def release(self, slot: int) -> None:
         descriptor = self.held.pop(slot, None)
@@ -147,8 +150,8 @@ class SlotLocks:
 
 
 class SlotAcceptor:
-    """In a worker: accepts on a slot of its own, and on a dead worker's slot until a new worker
-    asks for one."""
+    """In a worker: accepts on a slot of its own, on a dead worker's slot until a new worker asks
+    for one, and on a silent worker's slot until it beats again."""
 
     def __init__(self, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
         state = workers.state_dir()
