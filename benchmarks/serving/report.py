@@ -294,8 +294,9 @@ def every_run(contenders: list[Contender], results: Results) -> list[str]:
     rounds = sorted({r.round for r in results.runs})
     if len(rounds) < 2:
         return []
-    lines = ["## Every round", "", "req/s / p99 ms of each round, and where several server processes held wrk's "
-             "connections, how many each held; the tables above show the round with the median req/s.", "",
+    lines = ["## Every round", "", "req/s / p99 ms of each round, and in brackets how many of wrk's connections "
+             "each server process held (as `held by` above); the tables above show the round with the median "
+             "req/s.", "",
              "| contender | connections | " + " | ".join(f"round {i + 1}" for i in rounds) + " |",
              "| --- | ---: |" + " ---: |" * len(rounds)]
     for contender in contenders:
@@ -308,7 +309,8 @@ def every_run(contenders: list[Contender], results: Results) -> list[str]:
 def round_cell(run: Run | None) -> str:
     if run is None or run.load is None:
         return "–"
-    split = f" ({'/'.join(map(str, run.held_by))})" if len(run.held_by) > 1 else ""
+    # one number too: the processes holding none are left out, so "64" may be one worker of two taking all
+    split = f" ({'/'.join(map(str, run.held_by))})" if run.held_by else ""
     return f"{run.load.rps:.1f} / {ms(run.load.p99)}{split}"
 
 
