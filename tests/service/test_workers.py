@@ -229,11 +229,7 @@ def test_with_reuse_port_a_dead_workers_slot_is_served_until_its_replacement_tak
         time.sleep(0.2)
         # new connections, about half of them hashed to the dead slot; its replacement answers no sooner
         # than about 4 s after the kill here (a new process imports torch and loads the model)
-        with ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/anomaly-score", content=body, timeout=2,
-                                                          headers={"Content-Type": "image/png"}).status_code,
-                                     range(32)))
-        assert statuses == [200] * 32
+        assert scored_on_new_connections(server.url, body, 32, timeout_s=2) == [200] * 32
         assert logged(server, "had no worker") > taken_before
 
         # (a worker still loading at the start may have had its slot handed to it already)
@@ -298,6 +294,14 @@ def every_connection_accepted(server: Server, port: int, count: int, within_s: f
             client.close()
 
 
+def scored_on_new_connections(url: str, body: bytes, count: int, timeout_s: float) -> list[int]:
+    """The statuses of `count` /anomaly-score requests, 16 at a time, each on a new connection (so
+    the kernel hashes them over every slot)."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda _: httpx.post(f"{url}/anomaly-score", content=body, timeout=timeout_s,
+                                                  headers={"Content-Type": "image/png"}).status_code, range(count)))
+
+
 def logged(server: Server, text: str) -> int:
     """How many of the server's log lines say `text`."""
     return sum(text in line.get("message", "") for line in server.lines())
@@ -324,13 +328,10 @@ def test_a_silent_workers_slot_is_served_until_it_answers_again(models_dir: Path
         os.kill(silent, signal.SIGSTOP)
         try:
             time.sleep(SILENT_S + 2 * FOSTER_CHECK_S + 0.5)
-            with ThreadPoolExecutor(16) as pool:      # new connections, about half of them hashed to its slot
-                statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/anomaly-score", content=body,
-                                                              timeout=2, headers={"Content-Type": "image/png"}
-                                                              ).status_code, range(32)))
+            statuses = scored_on_new_connections(server.url, body, 32, timeout_s=2)   # about half on its slot
         finally:
             os.kill(silent, signal.SIGCONT)
         assert statuses == [200] * 32
-        wait_until(lambda: any("answers again" in line.get("message", "") for line in server.lines()), 30,
-                   "the other worker kept the slot after its worker came back")
-        assert any("has been silent" in line.get("message", "") for line in server.lines())
+        wait_until(lambda: logged(server, "answers again") > 0, 30, "the other worker kept the slot after its worker "
+                   "came back")
+        assert logged(server, "has been silent") > 0
