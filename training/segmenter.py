@@ -74,18 +74,29 @@ def train_segmenter(segmenter: DefectSegmenter, reconstruct: Callable[[Tensor], 
     loss per step. The learning rate decays by cosine to zero."""
     batch_size = batch_size or batch_size_for(*images.shape[2:])
     corruptor = Corruptor(*images.shape[1:], seed=seed, bank_size=min(BANK_SIZE, steps * batch_size))
+    order = torch.Generator().manual_seed(seed)
+
+    def corrupted_batch() -> tuple[Tensor, Tensor]:
+        return corruptor(images[torch.randint(len(images), (batch_size,), generator=order)])
+
+    return fit_segmenter(segmenter, reconstruct, corrupted_batch, steps, lr, progress)
+
+
+def fit_segmenter(segmenter: DefectSegmenter, reconstruct: Callable[[Tensor], Tensor],
+                  next_batch: Callable[[], tuple[Tensor, Tensor]], steps: int, lr: float = 1e-3,
+                  progress: bool = True, desc: str = "defect segmenter") -> list[float]:
+    """The training loop: `steps` batches of (images, defect masks) from `next_batch`, focal loss,
+    Adam with a cosine decay to zero. Returns the loss per step."""
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    order = torch.Generator().manual_seed(seed)
     losses = []
     segmenter.train()
-    bar = tqdm(range(steps), desc="defect segmenter", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     for _ in bar:
-        batch = images[torch.randint(len(images), (batch_size,), generator=order)]
-        corrupted, mask = corruptor(batch)
+        images, mask = next_batch()
         with torch.no_grad():
-            recon = reconstruct(corrupted)
-        loss = focal_loss(segmenter(corrupted, recon), mask)
+            recon = reconstruct(images)
+        loss = focal_loss(segmenter(images, recon), mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
