@@ -19,6 +19,10 @@ Suites:
   nor the test sees a pixel the model was trained on;
 - novelty: one class normal, the others anomalous (Ruff et al., 2018), per class and mean;
 - calibration: the false-positive rate on clean held-out images at the 1% threshold.
+
+Beside the defect and texture suites' scores stands a supervised reference (`training.reference`):
+the artifact's segmenter trained on the suite's own defects, never shipped, which says how much of a
+target a network of that size can reach at all.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
 from .export import artifact_splits as split_of  # noqa: E402
 from .export import load_artifact, score_images  # noqa: E402
 from .plots import save_figure  # noqa: E402
+from .reference import NAME as REFERENCE  # noqa: E402
+from .reference import SupervisedReference  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
 
 SUITES = ("defects", "textures", "novelty", "calibration")
@@ -269,13 +275,18 @@ class Context:
         return f"vae:{self.metadata['calibration']['score_kind']}"
 
 
-def load_context(path: Path, name: str, options: Options, calibration_images: np.ndarray | None = None) -> Context:
-    """Load an artifact, fit the anchors on its training split, and score its calibration images
-    (its calibration split unless given). The default kind's calibration scores are the artifact's
-    own, checked against a fresh scoring when every calibration image is scored."""
+def load_context(path: Path, name: str, options: Options, calibration_images: np.ndarray | None = None,
+                 defect_kinds: Sequence[str] = ()) -> Context:
+    """Load an artifact, fit the anchors on its training split (and, given the defect kinds it will
+    be tested on, the supervised reference), and score its calibration images (its calibration split
+    unless given). The default kind's calibration scores are the artifact's own, checked against a
+    fresh scoring when every calibration image is scored."""
     module, metadata = load_artifact(path)
     splits = artifact_splits(metadata)
     scorers: list[Scorer] = [ArtifactScorer(module, metadata), ClassicalAnchors(options.seed)]
+    if defect_kinds and options.reference:
+        scorers.append(SupervisedReference(module, metadata, defect_kinds, options.cache, options.seed,
+                                           options.reference_steps, options.reference_per_kind, options.progress))
     for scorer in scorers:
         scorer.fit(splits)
     cal = splits.cal.images if calibration_images is None else calibration_images
@@ -316,6 +327,9 @@ class Options:
     texture_stride: int = 8            # pixels between patches, in every band
     texture_overrides: dict[str, Any] = field(default_factory=lambda: dict(TEXTURE_MODEL))
     threads: int = 1                   # torch threads for the trainings: a second one is slower on a busy machine
+    reference: bool = True             # train the supervised reference for the defect suites
+    reference_steps: int | None = None     # None: as many as the artifact's own segmenter
+    reference_per_kind: int = 3000     # training images given each defect kind
     progress: bool = True
 
     def shrink(self) -> Options:
@@ -327,6 +341,7 @@ class Options:
         self.novelty_epochs, self.texture_epochs = 1, 2
         self.texture_overrides = {**self.texture_overrides, "warmup_epochs": 0}
         self.textures = self.textures[:1]
+        self.reference_steps, self.reference_per_kind = 40, 100
         return self
 
 
@@ -436,7 +451,8 @@ def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
         calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
                   command="training.evaluate: the calibration band")
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
-        found[name] = (load_context(calibrated, f"texture:{name}", options, cal), test)   # scaled as training does
+        context = load_context(calibrated, f"texture:{name}", options, cal, defect_kinds=list(TEXTURE_DEFECTS))
+        found[name] = (context, test)          # scaled as training does
     return found
 
 
@@ -506,22 +522,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def metric_table(metrics: dict[str, dict[str, dict[str, float]]], metric: str, names: Sequence[str]) -> str:
-    """Rows: kinds and their mean; columns: score names; the best of each row in bold."""
+    """Rows: kinds and their mean; columns: score names; the best of each row in bold (the supervised
+    reference is not a contender)."""
     kinds = list(next(iter(metrics.values())))
     rows = []
     for kind in kinds:
         values = [metrics[n][kind][metric] for n in names]
-        best = max(values) if metric != "fpr" else None
+        contenders = [v for n, v in zip(names, values, strict=True) if n != REFERENCE]
+        best = max(contenders) if metric != "fpr" else None
         rows.append([f"**{kind}**" if kind == "mean" else kind,
                      *(f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in values)])
     return markdown_table(["kind", *names], rows)
 
 
 def column_order(names: Sequence[str]) -> list[str]:
-    """The VAE's scores first, then experiments, then the anchors."""
+    """The VAE's scores first, then experiments, then the anchors, then the supervised reference."""
     ours = [n for n in names if n.startswith("vae:")]
     anchors = [n for n in names if n in ANCHOR_NAMES]
-    return [*ours, *(n for n in names if n not in ours and n not in anchors), *anchors]
+    last = [*anchors, *(n for n in names if n == REFERENCE)]
+    return [*ours, *(n for n in names if n not in ours and n not in last), *last]
 
 
 def plot_kind_bars(metrics: dict[str, dict[str, dict[str, float]]], names: Sequence[str], title: str,
@@ -532,7 +551,8 @@ def plot_kind_bars(metrics: dict[str, dict[str, dict[str, float]]], names: Seque
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = np.arange(len(kinds)) + (i - (len(names) - 1) / 2) * width
-        hatch = None if name.startswith("vae:") else ("//" if name in ANCHOR_NAMES else "..")
+        hatch = None if name.startswith("vae:") else ("//" if name in ANCHOR_NAMES else
+                                                      "xx" if name == REFERENCE else "..")
         ax.bar(xs, [metrics[name][k]["auroc"] for k in kinds], width, label=name, hatch=hatch)
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(kinds)), [k.replace("_", "\n") for k in kinds], fontsize=8)
@@ -696,7 +716,10 @@ def write_report(results: dict[str, Any], options: Options, command: str) -> Pat
              "defect segmenter (`training.segmenter`), trained on the training split's images with synthetic "
              "corruptions (`training.corruptions`: noise-shaped blobs, lines and scattered pixels filled with "
              "photograph crops, other images or flat tones), none of them the defects below; `vae:fused` is "
-             "peak + local + learned, each standardised on validation images.", ""]
+             "peak + local + learned, each standardised on validation images. `supervised reference` is not a "
+             "detector (`training.reference`): the same segmenter, pooled as `vae:learned` and trained for as many "
+             "steps, but on the suite's own defect kinds (training images, other seeds), so it shows how much of "
+             "each kind a network of that size separates when shown the very defects; it is never in bold.", ""]
     lines += targets_section(results, options.fpr)
     if "defects" in results:
         lines += ["## Synthetic defects", ""]
@@ -744,7 +767,7 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():
             contexts[name] = load_context(with_current_scores(path, options.cache, progress=options.progress), name,
-                                          options)
+                                          options, defect_kinds=list(IMAGE_DEFECTS))
     textures = texture_contexts(options) if "textures" in options.suites else {}
     for suite in options.suites:
         begun = time.perf_counter()
@@ -789,6 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--texture-latent-dim", type=int, default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="defects, anchors and trainings")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for trainings")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the supervised reference (a segmenter trained on the suites' own defects)")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="its training steps (default: as many as the artifact's own segmenter)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -805,7 +832,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         novelty_max_images=args.novelty_max_images,
         novelty_classes=tuple(int(k) for k in args.novelty_classes.split(",")) if args.novelty_classes else None,
         textures=tuple(args.textures.split(",")), texture_epochs=args.texture_epochs,
-        texture_stride=args.texture_stride, texture_overrides=overrides)
+        texture_stride=args.texture_stride, texture_overrides=overrides, reference=not args.no_reference,
+        reference_steps=args.reference_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from service.runtime import ModelRuntime
 from training.data import load_source
 from training.defects import CHANGED, IMAGE_DEFECTS, TEXTURE_DEFECTS, apply_defect, defective_set
 from training.evaluate import ANCHOR_NAMES, Options, conformal_threshold, run, texture_patches
+from training.reference import NAME as REFERENCE
 
 
 def sample_images() -> dict[str, np.ndarray]:
@@ -80,7 +81,7 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
     block = results["defects"]["digits"]
     kinds = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined")
     assert list(block["metrics"])[0] == "vae:excess"            # the artifact's default comes first
-    assert set(block["metrics"]) == {*(f"vae:{k}" for k in kinds), *ANCHOR_NAMES}
+    assert set(block["metrics"]) == {*(f"vae:{k}" for k in kinds), *ANCHOR_NAMES, REFERENCE}
     for per_kind in block["metrics"].values():
         assert set(per_kind) == {*IMAGE_DEFECTS, "mean"}
         for metrics in per_kind.values():
@@ -92,7 +93,7 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
     assert set(observed) == set(block["metrics"])
     report = (tmp_path / "report" / "report.md").read_text()
     assert ("| kind | vae:excess | vae:recon | vae:elbo | vae:iwae | vae:peak | vae:local | vae:combined "
-            "| PCA recon | PCA KDE | OC-SVM | IForest |") in report
+            "| PCA recon | PCA KDE | OC-SVM | IForest | supervised reference |") in report
     assert "## The targets" in report and "digits: observed FPR at the 1% threshold (vae:excess)" in report
     assert (tmp_path / "report" / "defects-digits-auroc.png").stat().st_size > 0
     assert (tmp_path / "report" / "results.json").exists()
