@@ -4,26 +4,15 @@ it last and never in bold."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from training.defects import defective_set
 from training.evaluate import artifact_splits, metric_table
 from training.export import load_artifact
 from training.reference import NAME, SupervisedReference
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_reference_learns_the_defects_it_is_shown_and_is_cached(digits_artifact: Path, tmp_path: Path,

@@ -4,7 +4,6 @@ saw, and an artifact gains the `learned` and `fused` kinds by recalibration."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,6 @@ from training.model import VAEConfig, build_vae
 from training.scoring import ServableVAE
 
 SIDE = 16
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Training on one thread: two busy OpenMP threads on a shared 2-core machine can be 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stripes(count: int, seed: int) -> torch.Tensor:
