@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from .data import Splits
 from .defects import defective_set
+from .scoring import PEAK_SHARE, PEAK_WINDOW
 from .segmenter import WIDTH, DefectSegmenter, batch_size_for, fit_segmenter
 
 NAME = "supervised reference"
@@ -40,7 +42,7 @@ SEED_OFFSET = 1000     # the defects' seed is the evaluation's plus this: never 
 class SupervisedReference:
     """A scorer (see `training.evaluate.Scorer`) named `supervised reference`, trained on `kinds`."""
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: dict, kinds: Sequence[str], cache: Path,
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict[str, Any], kinds: Sequence[str], cache: Path,
                  seed: int = 0, steps: int | None = None, per_kind: int = PER_KIND, progress: bool = True) -> None:
         own = metadata["score"].get("segmenter", {})
         self.module, self.kinds, self.cache = module, list(kinds), cache
@@ -48,9 +50,8 @@ class SupervisedReference:
         self.steps = steps or int(own.get("steps") or STEPS)
         self.seed, self.per_kind, self.progress = seed, per_kind, progress
         self.channels, self.width = metadata["input"]["channels"], own.get("width", WIDTH)
-        share = metadata["score"].get("peak", {}).get("share")
-        self.share = float(share) if share else 0.05
-        self.box = int(metadata["score"].get("peak", {}).get("window", 5))
+        peak = metadata["score"].get("peak", {})        # `learned` pools as `peak` does
+        self.share, self.box = float(peak.get("share", PEAK_SHARE)), int(peak.get("window", PEAK_WINDOW))
         self.segmenter: DefectSegmenter | None = None          # by `fit`
 
     def fit(self, splits: Splits) -> None:
