@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from .data import Splits
 from .defects import defective_set
-from .scoring import PEAK_SHARE, PEAK_WINDOW
+from .scoring import PEAK_SHARE, PEAK_WINDOW, box_average, top_mean
 from .segmenter import WIDTH, DefectSegmenter, batch_size_for, fit_segmenter
 
 NAME = "supervised reference"
@@ -104,14 +103,12 @@ class SupervisedReference:
         out = []
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size]
-            probability = torch.sigmoid(self.segmenter(batch, self.module.forward(batch)))
-            out.append(F.avg_pool2d(probability, self.box, 1, self.box // 2, count_include_pad=False)[:, 0])
+            probability = torch.sigmoid(self.segmenter(batch, self.module.forward(batch)))[:, 0]
+            out.append(box_average(probability, self.box))
         return torch.cat(out)
 
     def score(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        maps = self._box_maps(images).flatten(1)
-        top = max(1, round(self.share * maps.shape[1]))
-        return {NAME: maps.topk(top, dim=1).values.mean(1).numpy()}
+        return {NAME: top_mean(self._box_maps(images), self.share).numpy()}
 
     def maps(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return {NAME: self._box_maps(images).numpy()}

@@ -53,6 +53,18 @@ PEAK_WINDOW = 5          # pixels; odd, so the box is centred
 PEAK_SHARE = 0.05        # of the pixels
 
 
+def box_average(maps: Tensor, window: int) -> Tensor:
+    """Maps (B, H, W) averaged over a `window`-wide box around each pixel (cut at the borders)."""
+    return F.avg_pool2d(maps.unsqueeze(1), window, 1, window // 2, count_include_pad=False).squeeze(1)
+
+
+def top_mean(values: Tensor, share: float) -> Tensor:
+    """The mean of the highest `share` of each image's values (B,)."""
+    flat = values.flatten(1)
+    k = max(1, int(round(share * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
 class ServableVAE(nn.Module):
     __jit_unused_properties__ = ["local_fitted", "segmenter_trained"]
 
@@ -120,7 +132,7 @@ class ServableVAE(nn.Module):
             peak, local = self._peak_and_local(x)
             return local if kind == "local" else self._combine(peak, local)
         if kind == "learned":
-            return self._top_mean(self._defect_box(x, self.forward(x)), self.peak_share)
+            return top_mean(self._defect_box(x, self.forward(x)), self.peak_share)
         if kind == "fused":
             return self._fused(x, False)[0]
         mu, log_var = self.vae.encode(x)
@@ -180,11 +192,11 @@ class ServableVAE(nn.Module):
             if kind == "local":
                 return local_score, local
             box = self._box(self._excess_map(x, logits))
-            score = self._combine(self._top_mean(box, self.peak_share), local_score)
+            score = self._combine(top_mean(box, self.peak_share), local_score)
             return score, box / self.combined_scale[0] + local
         if kind == "learned":
             defects = self._defect_box(x, self.forward(x))
-            return self._top_mean(defects, self.peak_share), defects
+            return top_mean(defects, self.peak_share), defects
         if kind == "fused":
             return self._fused(x, True)
         return self.score(x), self.anomaly_map(x)       # sampled kinds: their map is another pass
@@ -195,18 +207,11 @@ class ServableVAE(nn.Module):
 
     def peak_score(self, anomaly_map: Tensor) -> Tensor:
         """The mean of the highest `peak_share` of the box-averaged map, per image (B,)."""
-        return self._top_mean(self._box(anomaly_map), self.peak_share)
+        return top_mean(self._box(anomaly_map), self.peak_share)
 
     def _box(self, anomaly_map: Tensor) -> Tensor:
         """The map (B, H, W) averaged over a `peak_window` box around each pixel."""
-        window = self.peak_window
-        return F.avg_pool2d(anomaly_map.unsqueeze(1), window, 1, window // 2, count_include_pad=False).squeeze(1)
-
-    def _top_mean(self, values: Tensor, share: float) -> Tensor:
-        """The mean of the highest `share` of each image's values (B,)."""
-        flat = values.flatten(1)
-        k = max(1, int(round(share * flat.shape[1])))
-        return flat.topk(k, dim=1).values.mean(1)
+        return box_average(anomaly_map, self.peak_window)
 
     def _combine(self, peak: Tensor, local: Tensor) -> Tensor:
         """`combined`: peak and local, each standardised on held-out images, added."""
@@ -222,7 +227,7 @@ class ServableVAE(nn.Module):
 
     def _local_score(self, windows: list[Tensor]) -> Tensor:
         """`local`: the mean of the farthest `local_share` of the windows, all scales together (B,)."""
-        return self._top_mean(torch.cat(windows, 1), self.local_share)
+        return top_mean(torch.cat(windows, 1), self.local_share)
 
     def _local_spread(self, windows: list[Tensor], height: int, width: int) -> Tensor:
         """What `local` reads, as a map (B, H, W): window distances above expectation, spread over
@@ -243,8 +248,8 @@ class ServableVAE(nn.Module):
         each part standardised, the map each part's map divided by that part's spread."""
         logits, recon, windows = self._local_pass(x)
         excess, defects = self._box(self._excess_map(x, logits)), self._defect_box(x, recon)
-        parts = torch.stack([self._top_mean(excess, self.peak_share), self._local_score(windows),
-                             self._top_mean(defects, self.peak_share)], 1)
+        parts = torch.stack([top_mean(excess, self.peak_share), self._local_score(windows),
+                             top_mean(defects, self.peak_share)], 1)
         score = ((parts - self.fused_center) / self.fused_scale).sum(1)
         if not with_map:
             return score, torch.empty(0)
@@ -288,7 +293,7 @@ class ServableVAE(nn.Module):
                 x = held_out[start:start + batch_size]
                 logits, recon, windows = self._local_pass(x)          # one decoder pass for all three parts
                 peak, local = self.peak_score(self._excess_map(x, logits)), self._local_score(windows)
-                learned = (self._top_mean(self._defect_box(x, recon), self.peak_share) if self.segmenter_trained
+                learned = (top_mean(self._defect_box(x, recon), self.peak_share) if self.segmenter_trained
                            else torch.zeros_like(peak))
                 parts.append(torch.stack([peak, local, learned], 1))
         values = torch.cat(parts).double()
