@@ -10,12 +10,14 @@ the model fails by itself.
 
 A lone one-image request, with the model idle and nobody queued behind it, runs right on the event
 loop instead of a model thread (`inline_seconds`): the hop to a thread and back, and the caches
-gone cold on an idle core, cost as much as the model call itself. The decision waits for the
-batch's own task to start, a turn of the event loop after the batch was cut: requests that arrive
-in that turn send it to a model thread instead, and the loop goes on reading them. (With the
-decision taken at once, and the only request under way run in its caller, calls stayed inline under
-load, in batches of one image: benchmarks/results/serving-1016.md.) Only while such calls are known
-to take less than `inline_seconds`, so the loop is never held for long.
+gone cold on an idle core, cost as much as the model call itself. The decision waits two turns of
+the event loop: requests that arrive in those turns send it to a model thread instead, and the loop
+goes on reading them. (With the decision taken at once, and the only request under way run in its
+caller, calls stayed inline under load, in batches of one image: benchmarks/results/serving-1016.md.)
+Only while such calls are known to take less than `inline_seconds`, so the loop is never held for
+long. With no batching wait (`max_wait` 0, the default) the request decides in its own coroutine
+and skips the queue, the batch loop and a task of its own (about 60 µs of a 2.5 ms request); with a
+wait, its batch's task decides after the wait.
 
 Requests that would wait longer than `max_queue_wait` for the model, or that would take the
 queue past `max_queued` images, are refused at once (`Overloaded`, a 503 with Retry-After), so a
@@ -90,6 +92,7 @@ class Batcher:
         self._seconds_per_image = RecentMedian()         # of whole batches, for admission
         self._lone_image_seconds = RecentMedian()        # one-image calls, for inline runs
         self._task: asyncio.Task | None = None
+        self._alone = 0                                  # lone requests deciding whether to run in their caller
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,7 +107,8 @@ class Batcher:
         stop; whatever is still queued after that gets NotReady rather than waiting forever."""
         self._closing = True
         deadline = time.monotonic() + drain_timeout
-        while self.running and (self._queued_images > 0 or self._running) and time.monotonic() < deadline:
+        while self.running and (self._queued_images > 0 or self._running or self._alone) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for task in [self._task, *self._running]:
             if task is not None:
@@ -123,9 +127,37 @@ class Batcher:
         """Queue one request's inputs (k, ...) and await its outputs, each (k, ...)."""
         item = _Item(inputs, len(inputs), asyncio.get_running_loop().create_future())
         self._admit(item.images)
+        if self._may_run_alone(item):
+            outputs = await self._run_alone(item)
+            if outputs is not None:
+                return outputs
         self._queued_images += item.images
         self._queue.put_nowait(item)
         return await item.future
+
+    def _may_run_alone(self, item: _Item) -> bool:
+        """Nothing to wait for and nobody to batch with: the model idle, nothing queued, one image."""
+        return (self.max_wait == 0 and item.images == 1 and self._alone == 0 and not self._running
+                and self._carry is None and self._queue.empty() and 0 < self.inline_seconds
+                and self._lone_image_seconds.value <= self.inline_seconds)
+
+    async def _run_alone(self, item: _Item) -> tuple[Tensor, ...] | None:
+        """Run a lone request in its caller, after two turns of the event loop: the turns the
+        queue's path takes before it decides (the batch loop's, then the batch task's), so requests
+        that came meanwhile still send it to the queue. None when they did: the request then
+        queues behind them."""
+        self._alone += 1
+        try:
+            for _ in range(2):
+                await asyncio.sleep(0)
+            if self._running or self._carry is not None or not self._queue.empty():
+                return None
+            started = time.perf_counter()
+            outputs = tuple(self._call([item.inputs]))
+        finally:
+            self._alone -= 1
+        self._record(BatchStats(1, 1, [started - item.enqueued], time.perf_counter() - started))
+        return outputs
 
     def _admit(self, images: int) -> None:
         if self._closing:
@@ -218,17 +250,20 @@ class Batcher:
         model_seconds = time.perf_counter() - started
         images = sum(i.images for i in batch)
         self._queued_images -= images
-        self._seconds_per_image.add(model_seconds / images)
-        if images == 1:
-            self._lone_image_seconds.add(model_seconds)
+        self._record(BatchStats(images, len(batch), [started - i.enqueued for i in batch], model_seconds))
         start = 0
         for item in batch:
             end = start + item.images
             if not item.future.done():
                 item.future.set_result(tuple(outputs) if len(batch) == 1 else tuple(out[start:end] for out in outputs))
             start = end
+
+    def _record(self, stats: BatchStats) -> None:
+        """A batch that ran: its time feeds the estimates (admission, inline runs) and the metrics."""
+        self._seconds_per_image.add(stats.model_seconds / stats.images)
+        if stats.images == 1:
+            self._lone_image_seconds.add(stats.model_seconds)
         if self._on_batch is not None:
-            stats = BatchStats(images, len(batch), [started - i.enqueued for i in batch], model_seconds)
             with contextlib.suppress(Exception):            # a metric never fails a request
                 self._on_batch(self.name, stats)
 

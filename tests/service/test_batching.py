@@ -123,6 +123,40 @@ def test_a_lone_one_image_request_runs_on_the_event_loop_and_the_rest_on_model_t
     assert loop_thread not in model.threads
 
 
+def test_with_no_wait_a_lone_request_runs_in_its_caller_and_skips_the_queue() -> None:
+    loop_thread = threading.current_thread().name
+    batch_tasks = []
+
+    async def go(batcher: Batcher):
+        run_batch = batcher._run_batch
+        batcher._run_batch = lambda batch: batch_tasks.append(batch) or run_batch(batch)
+        x = requests_of([1])[0]
+        return await batcher.submit(x), x
+
+    (lone, x), model, stats = run(go, max_wait=0.0, inline_seconds=0.5)
+    assert model.batches == [1] and model.threads == [loop_thread] and batch_tasks == []
+    assert torch.equal(lone[0], 2 * x + 1) and torch.equal(lone[1], x.sum(dim=1))
+    assert stats[0].requests == 1 and stats[0].images == 1 and 0 <= stats[0].queue_seconds[0] < 0.1
+    batch_tasks.clear()
+    _, model, _ = run(go, max_wait=0.01, inline_seconds=0.5)      # a wait: its batch's task decides
+    assert model.threads == [loop_thread] and len(batch_tasks) == 1
+
+
+def test_a_lone_request_that_others_join_before_it_decides_is_batched_instead() -> None:
+    """Three one-image requests at once: the first finds the model idle and waits its two turns, the
+    others queue meanwhile, so it queues too; none runs alone on the event loop while others wait."""
+    loop_thread = threading.current_thread().name
+    inputs = requests_of([1, 1, 1])
+
+    async def go(batcher: Batcher):
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results, model, _ = run(go, max_wait=0.0, inline_seconds=0.5, model=CountingModel(delay=0.01))
+    assert all(torch.equal(r[0], 2 * x + 1) for r, x in zip(results, inputs, strict=True))
+    assert model.batches[0] >= 2 and model.threads[0] != loop_thread      # those that queued, together
+    assert sum(model.batches) == 3
+
+
 def test_a_slow_model_stops_running_on_the_event_loop() -> None:
     async def go(batcher: Batcher):
         for x in requests_of([1, 1, 1]):
