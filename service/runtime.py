@@ -7,6 +7,8 @@ Thresholds and p-values come from the calibration scores inside the artifact.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -157,6 +159,15 @@ class ModelRuntime:
     @property
     def min_fpr(self) -> float:
         return 1 / (len(self.calibration_scores) + 1)
+
+    def p_value(self, score: float) -> float:
+        """`p_values` for one score, without NumPy: the same count, by bisection of a list."""
+        n = len(self._calibration_list)
+        return (1 + n - bisect.bisect_left(self._calibration_list, score)) / (n + 1)
+
+    @functools.cached_property
+    def _calibration_list(self) -> list[float]:
+        return self.calibration_scores.tolist()
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """(1 + #{calibration scores >= score}) / (n + 1), per score."""
