@@ -138,7 +138,7 @@ class Batcher:
     def _may_run_alone(self, item: _Item) -> bool:
         """Nothing to wait for and nobody to batch with: the model idle, nothing queued, one image."""
         return (self.max_wait == 0 and item.images == 1 and self._alone == 0 and not self._running
-                and self._carry is None and self._queue.empty() and 0 < self.inline_seconds
+                and self._carry is None and self._queue.empty() and self.inline_seconds > 0
                 and self._lone_image_seconds.value <= self.inline_seconds)
 
     async def _run_alone(self, item: _Item) -> tuple[Tensor, ...] | None:
