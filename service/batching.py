@@ -136,10 +136,9 @@ class Batcher:
         return await item.future
 
     def _may_run_alone(self, item: _Item) -> bool:
-        """Nothing to wait for and nobody to batch with: the model idle, nothing queued, one image."""
-        return (self.max_wait == 0 and item.images == 1 and self._alone == 0 and not self._running
-                and self._carry is None and self._queue.empty() and self.inline_seconds > 0
-                and self._lone_image_seconds.value <= self.inline_seconds)
+        """No batching wait, and nobody else deciding to run alone: whether it may, it sees after
+        its two turns."""
+        return self.max_wait == 0 and self._alone == 0 and self._inline_allowed(item.images, own_tasks=0)
 
     async def _run_alone(self, item: _Item) -> tuple[Tensor, ...] | None:
         """Run a lone request in its caller, after two turns of the event loop: the turns the
@@ -150,7 +149,7 @@ class Batcher:
         try:
             for _ in range(2):
                 await asyncio.sleep(0)
-            if self._running or self._carry is not None or not self._queue.empty():
+            if not self._inline_allowed(item.images, own_tasks=0):
                 return None
             started = time.perf_counter()
             outputs = tuple(self._call([item.inputs]))
@@ -268,9 +267,13 @@ class Batcher:
                 self._on_batch(self.name, stats)
 
     def _runs_inline(self, batch: list[_Item]) -> bool:
-        """One request of one image, no other batch running (this one's own task aside), nobody
-        queued, and a short model call."""
-        return (self.inline_seconds > 0 and len(batch) == 1 and batch[0].images == 1 and len(self._running) <= 1
+        """A batch of one request, which may run on the event loop (its own task is running)."""
+        return len(batch) == 1 and self._inline_allowed(batch[0].images, own_tasks=1)
+
+    def _inline_allowed(self, images: int, own_tasks: int) -> bool:
+        """One image, no batch running but the caller's own (`own_tasks`), nobody queued, and a
+        short model call: the one test both ways of running on the event loop take."""
+        return (self.inline_seconds > 0 and images == 1 and len(self._running) <= own_tasks
                 and self._carry is None and self._queue.empty()
                 and self._lone_image_seconds.value <= self.inline_seconds)
 
