@@ -34,7 +34,10 @@ class Server:
     log: Path
 
     def lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        """The log's complete lines: the server may be halfway through writing the last one."""
+        text = self.log.read_text()
+        complete = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def free_port() -> int:
