@@ -181,7 +181,7 @@ def plot(ceiling: dict[str, float], figures: dict[str, dict[str, float]], labels
     series = {"supervised CNN (ceiling)": [ceiling[k] for k in kinds]}
     series.update({label: [figures.get(k, {}).get(label, np.nan) for k in kinds] for label in labels})
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(kinds)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(8.5, 1.3 * len(kinds) + 2.5), 3.8))
     for i, (label, values) in enumerate(series.items()):
         ax.bar(np.arange(len(kinds)) + (i - (len(series) - 1) / 2) * width, values, width, label=label.replace("`", ""))
     ax.axhline(0.97, color="grey", linestyle="--", linewidth=0.8, label="target per kind (0.97)")
@@ -189,7 +189,7 @@ def plot(ceiling: dict[str, float], figures: dict[str, dict[str, float]], labels
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("AUROC")
     ax.set_title(f"{dataset}: how separable each defect kind is")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))       # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
