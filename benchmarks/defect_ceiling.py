@@ -217,8 +217,19 @@ def _weights(metadata: dict[str, Any]) -> int:
 
 
 def run(options: Options, command: str) -> Path:
+    """Train and test a classifier per kind and write the report; the caller's torch threads and
+    random stream are left as they were (the tests call this in process)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
-    module, metadata = load_artifact(options.artifact)
+    try:
+        with torch.random.fork_rng():
+            return _measure(options, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(options: Options, command: str) -> Path:
+    _, metadata = load_artifact(options.artifact)
     splits = artifact_splits(metadata)
     clean = splits.test.images[:options.test_images]
     ceiling, seconds = {}, {}

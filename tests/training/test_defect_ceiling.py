@@ -54,8 +54,9 @@ def test_the_evaluation_figures_are_the_default_score_the_reference_and_the_best
 
 def test_a_small_run_writes_the_table_and_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ceiling"
+    threads, state = torch.get_num_threads(), torch.random.get_rng_state()
     assert main(["--artifact", str(ROOT / "models" / "digits.pt"), "--kinds", "scratch,blur", "--images", "40",
-                 "--epochs", "1", "--test-images", "20", "--threads", "1", "--no-progress",
+                 "--epochs", "1", "--test-images", "20", "--threads", "3", "--no-progress",
                  "--evaluation", str(_evaluation(tmp_path / "results.json")), "--out", str(out)]) == 0
     report = out.with_suffix(".md").read_text()
     header = "| kind | supervised CNN (ceiling) | `vae:excess` | supervised reference | best anchor (PCA recon) |"
@@ -67,6 +68,8 @@ def test_a_small_run_writes_the_table_and_the_plot(tmp_path: Path, capsys: pytes
     assert "| **mean** |" in report and "2026-01-02 03:04" in report
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "report:" in capsys.readouterr().out
+    # it runs inside the test process: the other tests keep their threads and random stream
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_unknown_kinds_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
