@@ -36,12 +36,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from training.defects import IMAGE_DEFECTS, defective_set
+from training.evaluate import ANCHOR_NAMES, default_of
 from training.export import artifact_splits, load_artifact
+from training.plots import plt, save_figure
+from training.reference import NAME as REFERENCE
 from training.reference import SEED_OFFSET
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHORS = ("PCA recon", "PCA KDE", "OC-SVM", "IForest")
-REFERENCE = "supervised reference"
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,18 @@ def test_auroc(model: nn.Sequential, clean: np.ndarray, kind: str, seed: int) ->
     return float(roc_auc_score(labels, logits.numpy()))
 
 
-def evaluation_figures(path: Path, dataset: str, default: str) -> tuple[dict[str, dict[str, float]], str]:
+def evaluation_figures(path: Path, dataset: str) -> tuple[dict[str, dict[str, float]], str]:
     """Per kind, the AUROC of the artifact's default score, the supervised reference and the best
-    anchor (by mean) in the last evaluation run, and when it ran ('' if it has no such suite)."""
+    anchor (by mean), in that order, in the last evaluation run, and when it ran ('' if it has no
+    such suite)."""
     if not path.exists():
         return {}, ""
     run = json.loads(path.read_text())
     metrics = run.get("defects", {}).get(dataset, {}).get("metrics", {})
     if not metrics:
         return {}, ""
-    anchor = max((a for a in ANCHORS if a in metrics), key=lambda a: metrics[a]["mean"]["auroc"], default=None)
+    default = default_of(metrics)
+    anchor = max((a for a in ANCHOR_NAMES if a in metrics), key=lambda a: metrics[a]["mean"]["auroc"], default=None)
     columns = {default: f"`{default}`", REFERENCE: REFERENCE, anchor: f"best anchor ({anchor})"}
     figures = {kind: {label: metrics[name][kind]["auroc"] for name, label in columns.items()
                       if name in metrics and kind in metrics[name]} for kind in IMAGE_DEFECTS}
@@ -137,9 +140,8 @@ def write_report(ceiling: dict[str, float], seconds: dict[str, float], options: 
                  train_images: int, command: str) -> Path:
     """The markdown table (and the plot beside it): the ceiling per kind beside the last evaluation."""
     dataset = metadata["data"]["source"]
-    default = f"vae:{metadata['calibration']['score_kind']}"
-    figures, started = evaluation_figures(options.evaluation, dataset, default)
-    labels = sorted({label for row in figures.values() for label in row}, key=_column_order)
+    figures, started = evaluation_figures(options.evaluation, dataset)
+    labels = list(dict.fromkeys(label for row in figures.values() for label in row))   # in their order
     rows = [[kind.replace("_", " "), f"**{ceiling[kind]:.3f}**",
              *(_cell(figures.get(kind, {}), label) for label in labels), f"{seconds[kind]:.0f}"] for kind in ceiling]
     mean = ["**mean**", f"**{np.mean(list(ceiling.values())):.3f}**",
@@ -173,10 +175,6 @@ def write_report(ceiling: dict[str, float], seconds: dict[str, float], options: 
 
 def plot(ceiling: dict[str, float], figures: dict[str, dict[str, float]], labels: list[str], dataset: str,
          path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = list(ceiling)
     series = {"supervised CNN (ceiling)": [ceiling[k] for k in kinds]}
     series.update({label: [figures.get(k, {}).get(label, np.nan) for k in kinds] for label in labels})
@@ -190,13 +188,7 @@ def plot(ceiling: dict[str, float], figures: dict[str, dict[str, float]], labels
     ax.set_ylabel("AUROC")
     ax.set_title(f"{dataset}: how separable each defect kind is")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))       # beside the bars, not over them
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _column_order(label: str) -> tuple[int, str]:
-    return (2 if label.startswith("best anchor") else 1 if label == REFERENCE else 0, label)
+    save_figure(fig, path)
 
 
 def _cell(row: dict[str, float], label: str) -> str:

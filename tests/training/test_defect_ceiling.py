@@ -45,11 +45,11 @@ def _evaluation(path: Path) -> Path:
 
 
 def test_the_evaluation_figures_are_the_default_score_the_reference_and_the_best_anchor(tmp_path: Path) -> None:
-    figures, started = evaluation_figures(_evaluation(tmp_path / "results.json"), "digits", "vae:excess")
+    figures, started = evaluation_figures(_evaluation(tmp_path / "results.json"), "digits")
     assert started == "2026-01-02 03:04"
     assert figures["blur"] == {"`vae:excess`": 0.42, "supervised reference": 0.93, "best anchor (PCA recon)": 0.42}
-    assert evaluation_figures(tmp_path / "missing.json", "digits", "vae:excess") == ({}, "")
-    assert evaluation_figures(tmp_path / "results.json", "fashion-mnist", "vae:fused") == ({}, "")
+    assert evaluation_figures(tmp_path / "missing.json", "digits") == ({}, "")
+    assert evaluation_figures(tmp_path / "results.json", "fashion-mnist") == ({}, "")
 
 
 def test_a_small_run_writes_the_table_and_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
