@@ -161,7 +161,8 @@ class ModelRuntime:
         return 1 / (len(self.calibration_scores) + 1)
 
     def p_value(self, score: float) -> float:
-        """`p_values` for one score, without NumPy: the same count, by bisection of a list."""
+        """(1 + #{calibration scores >= score}) / (n + 1), counted by bisection of a list: requests
+        hold one score or a few, and for those NumPy's per-call cost is more than the count."""
         n = len(self._calibration_list)
         return (1 + n - bisect.bisect_left(self._calibration_list, score)) / (n + 1)
 
@@ -170,10 +171,9 @@ class ModelRuntime:
         return self.calibration_scores.tolist()
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
-        """(1 + #{calibration scores >= score}) / (n + 1), per score."""
-        n = len(self.calibration_scores)
-        at_least = n - np.searchsorted(self.calibration_scores, scores, side="left")
-        return (1 + at_least) / (n + 1)
+        """`p_value` of each score."""
+        return np.array([self.p_value(score) for score in np.asarray(scores, dtype=np.float64).ravel().tolist()],
+                        dtype=np.float64).reshape(np.shape(scores))
 
 
 def check_metadata(metadata: Any, module: torch.jit.ScriptModule, path: Path) -> None:

@@ -52,12 +52,16 @@ def test_p_value_formula(runtime: ModelRuntime) -> None:
     assert runtime.p_values(np.array([calibration[0] - 1]))[0] == pytest.approx(1.0)
 
 
-def test_one_score_p_value_equals_the_array_one_even_on_ties(runtime: ModelRuntime) -> None:
+def test_p_values_equal_the_count_even_on_ties(runtime: ModelRuntime) -> None:
     calibration = runtime.calibration_scores
+    n = len(calibration)
     probes = np.concatenate([calibration, np.nextafter(calibration, np.inf), np.nextafter(calibration, -np.inf),
                              np.linspace(calibration[0] - 5, calibration[-1] + 5, 200)])
     probes = np.concatenate([probes, probes.astype(np.float32)])     # the model's scores are float32
-    assert [runtime.p_value(s) for s in probes.tolist()] == runtime.p_values(probes).tolist()
+    counted = [(1 + int(np.sum(calibration >= s))) / (n + 1) for s in probes.tolist()]
+    assert [runtime.p_value(s) for s in probes.tolist()] == counted
+    assert runtime.p_values(probes).tolist() == counted
+    assert runtime.p_values(probes.reshape(2, -1)).shape == (2, len(probes) // 2)
 
 
 def test_an_fpr_below_what_calibration_supports_is_refused(runtime: ModelRuntime) -> None:
