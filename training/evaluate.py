@@ -432,24 +432,31 @@ def texture_config(options: Options, npy: Path) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def texture_artifact(options: Options, name: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """One texture's artifact, trained (or cached) on its training band and calibrated on its
+    calibration band, and the three bands' uint8 patches by name (train, cal, test)."""
+    bands = dict(zip(("train", "cal", "test"), texture_patches(name, options.texture_stride), strict=True))
+    files = {band: options.cache / f"texture-{name}-{band}-stride{options.texture_stride}.npy" for band in bands}
+    options.cache.mkdir(parents=True, exist_ok=True)
+    for band, patches in bands.items():
+        if not files[band].exists():
+            np.save(files[band], patches)
+    trained = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
+    # onto the auto kind by recalibration (its segmenter trained once and cached), so trainings
+    # cached by older code stay valid
+    kind = auto_kind(trained)
+    path = with_current_scores(trained, options.cache, kind, options.progress)
+    calibrated = trained.with_name(trained.stem + "-calibrated.pt")
+    calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
+              command="training.evaluate: the calibration band")
+    return calibrated, bands
+
+
 def texture_contexts(options: Options) -> dict[str, tuple[Context, np.ndarray]]:
     """A trained (or cached) artifact per texture, with its held-out test patches in [0, 1]."""
     found = {}
     for name in options.textures:
-        bands = dict(zip(("train", "cal", "test"), texture_patches(name, options.texture_stride), strict=True))
-        files = {band: options.cache / f"texture-{name}-{band}-stride{options.texture_stride}.npy" for band in bands}
-        options.cache.mkdir(parents=True, exist_ok=True)
-        for band, patches in bands.items():
-            if not files[band].exists():
-                np.save(files[band], patches)
-        trained = train_cached(texture_config(options, files["train"]), options.cache, f"texture-{name}")
-        # onto the auto kind by recalibration (its segmenter trained once and cached), so trainings
-        # cached by older code stay valid
-        kind = auto_kind(trained)
-        path = with_current_scores(trained, options.cache, kind, options.progress)
-        calibrated = trained.with_name(trained.stem + "-calibrated.pt")
-        calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
-                  command="training.evaluate: the calibration band")
+        calibrated, bands = texture_artifact(options, name)
         cal, test = (bands[band][:, None].astype(np.float32) / np.float32(255) for band in ("cal", "test"))
         context = load_context(calibrated, f"texture:{name}", options, cal, defect_kinds=list(TEXTURE_DEFECTS))
         found[name] = (context, test)          # scaled as training does
