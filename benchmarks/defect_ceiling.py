@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,14 +33,13 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from benchmarks.common import ROOT, command_line, isolated, shown
 from training.defects import IMAGE_DEFECTS, defective_set
 from training.evaluate import ANCHOR_NAMES, default_of
 from training.export import artifact_splits, load_artifact
 from training.plots import plt, save_figure
 from training.reference import NAME as REFERENCE
 from training.reference import SEED_OFFSET
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -148,12 +145,12 @@ def write_report(ceiling: dict[str, float], seconds: dict[str, float], options: 
             *(_mean_cell(figures, list(ceiling), label) for label in labels), f"{sum(seconds.values()):.0f}"]
     header = ["kind", "supervised CNN (ceiling)", *labels, "seconds"]
     table = [header, ["---"] * len(header), *rows, mean]
-    source = (f"the last `make eval` run ({started}, `{_shown(options.evaluation)}`)" if figures
+    source = (f"the last `make eval` run ({started}, `{shown(options.evaluation)}`)" if figures
               else "no `make eval` results for this data set")
     lines = [
         f"# How separable each defect kind is: a supervised ceiling ({dataset})", "",
         f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {sum(seconds.values()):.0f} s in all.", "",
-        f"- artifact: `{_shown(options.artifact)}` (its training split: {train_images} images; its test split's "
+        f"- artifact: `{shown(options.artifact)}` (its training split: {train_images} images; its test split's "
         f"first {options.test_images} are the defects suite's clean images)",
         f"- per kind: a CNN classifier ({_weights(metadata):,} weights) trained for {options.epochs} epochs on "
         f"{min(options.images, train_images)} training images, half given the kind "
@@ -200,10 +197,6 @@ def _mean_cell(figures: dict[str, dict[str, float]], kinds: list[str], label: st
     return f"{np.mean(values):.3f}" if len(values) == len(kinds) else ""
 
 
-def _shown(path: Path) -> str:
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def _weights(metadata: dict[str, Any]) -> int:
     return sum(p.numel() for p in classifier(metadata["input"]["channels"]).parameters())
 
@@ -211,13 +204,8 @@ def _weights(metadata: dict[str, Any]) -> int:
 def run(options: Options, command: str) -> Path:
     """Train and test a classifier per kind and write the report; the caller's torch threads and
     random stream are left as they were (the tests call this in process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
-        with torch.random.fork_rng():
-            return _measure(options, command)
-    finally:
-        torch.set_num_threads(threads)
+    with isolated(options.threads):
+        return _measure(options, command)
 
 
 def _measure(options: Options, command: str) -> Path:
@@ -263,8 +251,8 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    command = "python -m benchmarks.defect_ceiling " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(f"report: {run(options, command.strip())}")
+    path = run(options, command_line("benchmarks.defect_ceiling", argv))
+    print(f"report: {path}")
     return 0
 
 

@@ -1,0 +1,37 @@
+"""What the anomaly benchmarks (defect_ceiling, texture_drift, segmenter_spread) share: where the
+repository is, how a path and a command read in a report, and a run that leaves the caller's torch
+settings as they were (the tests call the benchmarks in process)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shown(path: Path) -> str:
+    """A path as a report shows it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a report says it came from: `python -m <module>` and its arguments."""
+    return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+@contextmanager
+def isolated(threads: int) -> Iterator[None]:
+    """Run with `threads` torch threads and a forked random stream; restore both afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.set_num_threads(before)
