@@ -1,0 +1,221 @@
+"""How far do the `learned` and `fused` figures move when only the defect segmenter's seed changes?
+
+Run from the repository root:
+    .venv/bin/python -m benchmarks.segmenter_spread                      # models/fashion.pt
+    .venv/bin/python -m benchmarks.segmenter_spread --texture brick      # make eval's brick model
+
+The segmenter (`training.segmenter`) is the one part of the default score trained from random
+numbers after the VAE: its initial weights and its stream of synthetic corruptions. A change to the
+detector that moves `make eval`'s figures by less than they move between two such seeds is not a
+finding. This benchmark keeps the artifact's VAE, local statistics and training images, trains a
+fresh segmenter for as many steps as the artifact's own with each of a few seeds (each seed sets
+its initial weights, its corruptions and its sample of training images), and scores the defects as `make eval` does: the
+artifact's default defect set (the first 1,000 test images of Fashion-MNIST, or a texture's test
+band) against the same images with each defect kind at the evaluation's seed.
+
+It writes benchmarks/results/segmenter-spread-<name>.md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from benchmarks.common import ROOT, command_line, isolated, shown
+from training import evaluate
+from training.calibrate import rebuild_servable
+from training.defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set
+from training.evaluate import TEXTURES
+from training.export import artifact_splits, fit_defect_segmenter, fit_local_statistics, load_artifact, score_images
+from training.plots import plt, save_figure
+from training.scoring import ServableVAE
+from training.segmenter import DefectSegmenter
+
+KINDS = ("learned", "fused")
+
+
+@dataclass(frozen=True)
+class Options:
+    artifact: Path = ROOT / "models" / "fashion.pt"
+    texture: str | None = None           # a make eval texture model instead of --artifact
+    seeds: tuple[int, ...] = (1, 2, 3, 4)
+    steps: int | None = None             # None: as many as the artifact's own segmenter
+    test_images: int = 1000              # the defects suite's count (training.evaluate --max-images)
+    defect_seed: int = 0                 # the evaluation's
+    cache: Path = evaluate.Options().cache
+    threads: int = 2
+    out: Path | None = None              # default: benchmarks/results/segmenter-spread-<name>
+    progress: bool = True
+
+
+@dataclass
+class Subject:
+    """The artifact under test, its training images' splits, and the clean images scored."""
+    name: str
+    path: Path
+    module: torch.jit.ScriptModule
+    metadata: dict[str, Any]
+    clean: np.ndarray
+    kinds: tuple[str, ...]
+
+
+def load_subject(options: Options) -> Subject:
+    if options.texture:
+        path, bands = evaluate.texture_artifact(evaluate.Options(cache=options.cache, progress=options.progress),
+                                                options.texture)
+        clean = bands["test"][:options.test_images, None].astype(np.float32) / np.float32(255)
+        module, metadata = load_artifact(path)
+        return Subject(options.texture, path, module, metadata, clean, tuple(TEXTURE_DEFECTS))
+    module, metadata = load_artifact(options.artifact)
+    clean = artifact_splits(metadata).test.images[:options.test_images]
+    return Subject(str(metadata.get("name", options.artifact.stem)), options.artifact, module, metadata, clean,
+                   tuple(IMAGE_DEFECTS))
+
+
+def own_steps(metadata: dict[str, Any]) -> int:
+    """The steps the artifact's segmenter was trained for (0: it has none)."""
+    return int(metadata["score"].get("segmenter", {}).get("steps", 0))
+
+
+def retrained(subject: Subject, seed: int, steps: int, progress: bool) -> ServableVAE:
+    """The artifact with a fresh segmenter, initialised and trained from `seed` (which also draws
+    its corruptions and its sample of training images)."""
+    servable = rebuild_servable(subject.module, subject.metadata, "fused")
+    splits = artifact_splits(subject.metadata)
+    if not servable.local_fitted:         # an artifact exported before `local` (the shipped digits)
+        fit_local_statistics(servable, splits, seed)
+    torch.manual_seed(seed)
+    servable.segmenter = DefectSegmenter(subject.metadata["input"]["channels"], servable.segmenter.width)
+    fit_defect_segmenter(servable, splits, steps, seed, progress)
+    return servable.eval()
+
+
+@torch.no_grad()
+def aurocs(model: torch.nn.Module, clean: np.ndarray, defective: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per score kind, the AUROC of each defect kind (and their mean): clean against defective."""
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(clean))]
+    clean_scores = {kind: score_images(model, clean, kind) for kind in KINDS}
+    result: dict[str, dict[str, float]] = {}
+    for kind in KINDS:
+        result[kind] = {defect: float(roc_auc_score(labels, np.r_[clean_scores[kind],
+                                                                  score_images(model, images, kind)]))
+                        for defect, images in defective.items()}
+        result[kind]["mean"] = float(np.mean(list(result[kind].values())))
+    return result
+
+
+def run(options: Options, command: str) -> Path:
+    """Retrain and score per seed and write the report; the caller's torch threads and random
+    stream are left as they were."""
+    with isolated(options.threads):
+        return _measure(options, command)
+
+
+def _measure(options: Options, command: str) -> Path:
+    started = time.perf_counter()
+    subject = load_subject(options)
+    steps = options.steps or own_steps(subject.metadata)
+    if steps < 1:
+        raise ValueError(f"{subject.path} has no defect segmenter to copy the steps of: pass --steps")
+    defective = {kind: defective_set(subject.clean, kind, options.defect_seed)[0] for kind in subject.kinds}
+    figures = {}
+    if own_steps(subject.metadata):
+        figures["shipped"] = aurocs(subject.module, subject.clean, defective)
+    for seed in tqdm(options.seeds, desc="seeds", disable=not options.progress):
+        figures[f"seed {seed}"] = aurocs(retrained(subject, seed, steps, options.progress), subject.clean, defective)
+        tqdm.write(f"seed {seed}: fused mean {figures[f'seed {seed}']['fused']['mean']:.3f}")
+    out = options.out or ROOT / "benchmarks" / "results" / f"segmenter-spread-{subject.name}"
+    return write_report(figures, subject, steps, options, out, command, time.perf_counter() - started)
+
+
+def spread_rows(figures: dict[str, dict[str, dict[str, float]]], kind: str) -> list[list[str]]:
+    """Per defect kind (and the mean): each run's AUROC, then the lowest, the highest and their range."""
+    rows = []
+    for defect in next(iter(figures.values()))[kind]:
+        values = [run[kind][defect] for run in figures.values()]
+        label = "**mean**" if defect == "mean" else defect.replace("_", " ")
+        rows.append([label, *(f"{v:.3f}" for v in values), f"{min(values):.3f}", f"{max(values):.3f}",
+                     f"**{max(values) - min(values):.3f}**"])
+    return rows
+
+
+def write_report(figures: dict[str, dict[str, dict[str, float]]], subject: Subject, steps: int, options: Options,
+                 out: Path, command: str, seconds: float) -> Path:
+    header = ["defect", *figures, "lowest", "highest", "range"]
+    lines = [
+        f"# How far the segmenter's seed moves the scores ({subject.name})", "",
+        f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.", "",
+        f"- artifact: `{shown(subject.path)}`; `shipped` is its own segmenter, each `seed N` a fresh one "
+        f"trained from seed N (initial weights, corruptions, sample of training images) for {steps} steps, "
+        "the VAE and the local statistics unchanged",
+        f"- AUROC of {len(subject.clean)} clean test images against the same images with each defect kind, drawn "
+        f"with the evaluation's seed ({options.defect_seed}) as `make eval` draws them", ""]
+    for kind in KINDS:
+        table = [header, ["---"] * len(header), *spread_rows(figures, kind)]
+        lines += [f"## `{kind}`", "", *("| " + " | ".join(row) + " |" for row in table), ""]
+    lines += [f"![AUROC per seed]({out.name}.png)", ""]
+    path = out.with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    plot(figures, subject.name, out.with_suffix(".png"))
+    return path
+
+
+def plot(figures: dict[str, dict[str, dict[str, float]]], name: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(6.2 * len(KINDS), 3.8), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], KINDS, strict=True):
+        defects = list(next(iter(figures.values()))[kind])
+        for i, (label, run) in enumerate(figures.items()):
+            ax.scatter(np.arange(len(defects)), [run[kind][d] for d in defects], s=22, marker="o" if i else "D",
+                       color="k" if label == "shipped" else f"C{i}", label=label, zorder=3 if i == 0 else 2)
+        ax.set_xticks(np.arange(len(defects)), [d.replace("_", "\n") for d in defects], fontsize=7)
+        ax.set_title(f"{name}: {kind}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("AUROC")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    save_figure(fig, path)
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.segmenter_spread",
+                                     description=__doc__.splitlines()[0])
+    defaults = Options()
+    parser.add_argument("--artifact", type=Path, default=defaults.artifact)
+    parser.add_argument("--texture", choices=TEXTURES, default=None, help="make eval's texture model instead")
+    parser.add_argument("--seeds", default=",".join(map(str, defaults.seeds)), help="comma-separated integers")
+    parser.add_argument("--steps", type=int, default=None, help="segmenter steps (default: the artifact's own)")
+    parser.add_argument("--test-images", type=int, default=defaults.test_images)
+    parser.add_argument("--cache", type=Path, default=defaults.cache, help="make eval's artifact cache")
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--out", type=Path, default=None, help="report path without suffix")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s)
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers; got {args.seeds!r}")
+    if not seeds or (args.steps is not None and args.steps < 1) or args.test_images < 2:
+        parser.error("--seeds needs at least one seed, --steps at least 1, --test-images at least 2")
+    return Options(artifact=args.artifact, texture=args.texture, seeds=seeds, steps=args.steps,
+                   test_images=args.test_images, cache=args.cache, threads=args.threads, out=args.out,
+                   progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    path = run(options, command_line("benchmarks.segmenter_spread", argv))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
