@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint models eval eval-ceiling bench bench-train bench-serving clean
+.PHONY: run test lint models eval eval-ceiling eval-drift eval-spread bench bench-train bench-serving clean
 
 # the service alone: torch (CPU, pinned), FastAPI and friends
 $(VENV)/.installed-run: pyproject.toml
@@ -47,6 +47,17 @@ eval: $(VENV)/.installed-dev
 # how separable each Fashion-MNIST defect kind is: a supervised CNN per kind (~35 min on 2 cores)
 eval-ceiling: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.defect_ceiling
+
+# why the textures flag more than 1% of clean patches: the threshold, or the photograph drifting
+# (make eval's cached texture models; trains them on first use, ~30 min on 2 cores)
+eval-drift: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.texture_drift
+
+# how far the segmenter's seed alone moves the learned and fused figures, on models/fashion.pt and
+# make eval's brick model (~25 min on 2 cores, more if brick's model is not cached yet)
+eval-spread: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.segmenter_spread
+	$(BIN)/python -m benchmarks.segmenter_spread --texture brick
 
 bench: bench-train bench-serving
 

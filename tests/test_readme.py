@@ -39,6 +39,13 @@ def test_the_two_commands_come_first_and_exist() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_every_make_target_the_readme_names_exists() -> None:
+    named = set(re.findall(r"`make ([a-z][a-z-]*)`", README))
+    assert {"run", "test", "eval", "eval-ceiling", "eval-drift", "eval-spread"} <= named
+    makefile = (ROOT / "Makefile").read_text()
+    assert not [t for t in named if not re.search(rf"^{re.escape(t)}:", makefile, flags=re.MULTILINE)]
+
+
 def test_every_contract_endpoint_is_shown() -> None:
     for path in ("/encode", "/decode", "/reconstruct", "/sample", "/anomaly-score", "/interpolate", "/model",
                  "/healthz", "/readyz", "/metrics"):
