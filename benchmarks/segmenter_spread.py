@@ -5,13 +5,13 @@ Run from the repository root:
     .venv/bin/python -m benchmarks.segmenter_spread --texture brick      # make eval's brick model
 
 The segmenter (`training.segmenter`) is the one part of the default score trained from random
-numbers after the VAE: its initial weights and its stream of synthetic corruptions. A change to the
-detector that moves `make eval`'s figures by less than they move between two such seeds is not a
-finding. This benchmark keeps the artifact's VAE, local statistics and training images, trains a
-fresh segmenter for as many steps as the artifact's own with each of a few seeds (each seed sets
-its initial weights, its corruptions and its sample of training images), and scores the defects as `make eval` does: the
-artifact's default defect set (the first 1,000 test images of Fashion-MNIST, or a texture's test
-band) against the same images with each defect kind at the evaluation's seed.
+numbers after the VAE: its initial weights, its stream of synthetic corruptions and its sample of
+training images. A change to the detector that moves `make eval`'s figures by less than they move
+between two such seeds is not a finding. This benchmark keeps the artifact's VAE and local
+statistics, trains a fresh segmenter for as many steps as the artifact's own with each of a few
+seeds (each seed sets all three), and scores the defects as `make eval` does: the defects suite's
+clean images (the first 1,000 of the artifact's test split, or a texture's test band) against the
+same images with each defect kind at the evaluation's seed.
 
 It writes benchmarks/results/segmenter-spread-<name>.md and .png.
 """
@@ -59,7 +59,7 @@ class Options:
 
 @dataclass
 class Subject:
-    """The artifact under test, its training images' splits, and the clean images scored."""
+    """The artifact under test, the clean images scored, and the defect kinds applied to them."""
     name: str
     path: Path
     module: torch.jit.ScriptModule
