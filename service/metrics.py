@@ -19,6 +19,9 @@ from .batching import BatchStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# conformal p-values: on images like the calibration set each bucket holds its own width's share
+# (1% under 0.01); traffic that drifts from it piles up near 0
+P_VALUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 MODEL_LABELS = ("name", "sha256", "score_kind", "format_version")
 MAX_CACHED_CHILDREN = 1024
 
@@ -33,6 +36,8 @@ class Metrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("vae_images", "images processed, by operation", ["operation"], registry=r)
         self.anomalies = Counter("vae_anomalies_flagged", "images scored above their threshold", registry=r)
+        self.p_values = Histogram("vae_anomaly_p_values", "conformal p-values of the images scored: about "
+                                  "uniform on images like the calibration set", buckets=P_VALUE_BUCKETS, registry=r)
         self.batch_images = Histogram("vae_batch_images", "images per model batch", ["operation"],
                                       buckets=BATCH_BUCKETS, registry=r)
         self.queue_seconds = Histogram("vae_queue_seconds", "time a request waited for its batch to start",

@@ -99,4 +99,6 @@ def anomaly_verdicts(runtime: ModelRuntime, scores: np.ndarray, fpr: float, metr
     flagged = sum(result["is_anomaly"] for result in results)
     if flagged:                         # a shared counter's write is not free: only when it moves
         metrics.anomalies.inc(flagged)
+    for result in results:
+        metrics.p_values.observe(result["p_value"])
     return {"threshold": threshold, "fpr": fpr, "score_kind": runtime.score_kind, "results": results}

@@ -236,6 +236,8 @@ async def infer(request: Request, model_name: str, settings: SettingsDep, metric
     response: dict[str, Any] = {"model_name": runtime.name, "model_version": artifact_version(runtime)}
     if parsed.id is not None:
         response["id"] = parsed.id
+    for p_value in values["p_value"].tolist() if "p_value" in values else ():
+        metrics.p_values.observe(p_value)
     if threshold is not None:
         metrics.anomalies.inc(int(values["is_anomaly"].sum()))
         response["parameters"] = {"fpr": parsed.fpr, "threshold": threshold, "score_kind": runtime.score_kind}

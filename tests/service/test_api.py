@@ -303,6 +303,30 @@ def test_health_ready_and_metrics(client: httpx.Client, digit_images: np.ndarray
     assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
 
 
+def p_value_buckets(client: httpx.Client) -> dict[str, float]:
+    """The cumulative counts of the p-value histogram on /metrics, by upper bound."""
+    text = client.get("/metrics").text
+    pattern = r'^vae_anomaly_p_values_bucket\{le="([^"]+)"\} (\S+)$'
+    return {le: float(count) for le, count in re.findall(pattern, text, flags=re.MULTILINE)}
+
+
+def test_every_p_value_served_lands_in_the_histogram(client: httpx.Client, digit_images: np.ndarray) -> None:
+    """Operators watch it for drift: on images like the calibration set it stays about uniform."""
+    before = p_value_buckets(client)
+    assert "0.01" in before and "+Inf" in before
+    served = client.post("/anomaly-score", json=as_json(digit_images[:12])).json()["results"]
+    raw = client.post("/anomaly-score", content=png_bytes(digit_images[12]), headers={"content-type": "image/png"})
+    served += raw.json()["results"]                                      # the fast lane's path
+    v2 = {"inputs": [{"name": "images", "shape": [3, 1, 8, 8], "datatype": "FP32",
+                      "data": digit_images[13:16].reshape(-1).tolist()}]}
+    outputs = client.post("/v2/models/digits/infer", json=v2).json()["outputs"]
+    p_values = [r["p_value"] for r in served] + next(o["data"] for o in outputs if o["name"] == "p_value")
+    after = p_value_buckets(client)
+    assert len(p_values) == 16
+    for le, count in after.items():
+        assert count - before[le] == sum(p <= float(le) for p in p_values), le
+
+
 def test_metrics_count_before_any_model_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
     # the codec timers were once made by `serving()`, so anything timed before a model loaded failed
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
