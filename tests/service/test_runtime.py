@@ -170,3 +170,16 @@ def test_incompatible_metadata(digits_artifact: Path, tmp_path: Path, change: di
     rewrite_metadata(path, change)
     with pytest.raises(ArtifactError, match=message):
         ModelRuntime.load(path)
+
+
+def test_p_values_are_flat_on_held_out_images_and_pile_up_near_zero_on_drifted_ones(
+        runtime: ModelRuntime, digits_artifact: Path) -> None:
+    """What the README tells operators to watch in `vae_anomaly_p_values`."""
+    from training.export import artifact_splits, load_artifact
+
+    test = artifact_splits(load_artifact(digits_artifact)[1]).test.images          # never calibrated on
+    held_out = runtime.p_values(runtime.score(torch.as_tensor(test))[0].numpy())
+    brighter = runtime.p_values(runtime.score(torch.as_tensor(np.clip(test + 0.3, 0, 1)))[0].numpy())
+    assert len(held_out) == 180
+    assert 0.35 <= np.mean(held_out <= 0.5) <= 0.65 and np.mean(held_out <= 0.05) <= 0.12
+    assert np.mean(brighter <= 0.01) >= 0.5
