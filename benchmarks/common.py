@@ -4,9 +4,10 @@ settings as they were (the tests call the benchmarks in process)."""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def shown(path: Path) -> str:
 def command_line(module: str, argv: list[str] | None) -> str:
     """The command a report says it came from: `python -m <module>` and its arguments."""
     return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def comma_choices(parser: argparse.ArgumentParser, flag: str, value: str, allowed: Iterable[str]) -> tuple[str, ...]:
+    """A comma-separated option's items, each one of `allowed`; else the parser's usage error."""
+    items, allowed = tuple(item for item in value.split(",") if item), tuple(allowed)
+    if not items or any(item not in allowed for item in items):
+        parser.error(f"{flag} must be some of {', '.join(allowed)}; got {value!r}")
+    return items
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, command_line, isolated, shown
+from benchmarks.common import ROOT, comma_choices, command_line, isolated, shown
 from training.defects import IMAGE_DEFECTS, defective_set
 from training.evaluate import ANCHOR_NAMES, default_of
 from training.export import artifact_splits, load_artifact
@@ -238,10 +238,7 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--out", type=Path, default=defaults.out, help="report path without suffix")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    unknown = [k for k in kinds if k not in IMAGE_DEFECTS]
-    if unknown or not kinds:
-        parser.error(f"--kinds must be some of {', '.join(IMAGE_DEFECTS)}; got {args.kinds!r}")
+    kinds = comma_choices(parser, "--kinds", args.kinds, IMAGE_DEFECTS)
     if args.images < 4 or args.epochs < 1 or args.test_images < 2:
         parser.error("--images must be at least 4, --epochs at least 1, --test-images at least 2")
     return Options(artifact=args.artifact, kinds=kinds, images=args.images, epochs=args.epochs,

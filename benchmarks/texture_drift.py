@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, command_line, isolated
+from benchmarks.common import ROOT, comma_choices, command_line, isolated
 from training import evaluate
 from training.evaluate import TEXTURE_BANDS, TEXTURES, binomial_interval, conformal_threshold, flagged
 from training.export import load_artifact, score_images
@@ -235,10 +235,7 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--out", type=Path, default=defaults.out, help="report path without suffix")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    textures = tuple(t for t in args.textures.split(",") if t)
-    unknown = [t for t in textures if t not in TEXTURES]
-    if unknown or not textures:
-        parser.error(f"--textures must be some of {', '.join(TEXTURES)}; got {args.textures!r}")
+    textures = comma_choices(parser, "--textures", args.textures, TEXTURES)
     return Options(textures=textures, cache=args.cache, threads=args.threads, out=args.out,
                    progress=not args.no_progress)
 
