@@ -1,5 +1,6 @@
 """Command line: `python -m training train --data SOURCE --out PATH [options]`, and
-`python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH] [--segmenter-steps N]`.
+`python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH] [--segmenter-steps N]
+[--retrain-segmenter]`.
 
 The options are generated from `TrainConfig`, one per field, with its default in --help.
 """
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default=None, help="where to write (default: over the artifact)")
     calibrate.add_argument("--segmenter-steps", type=int, default=None, metavar="STEPS",
                            help="batches to train the defect segmenter for, when --score learned or fused "
-                           "needs one the artifact lacks (default: 1500)")
+                           "needs one the artifact lacks or --retrain-segmenter (default: 1500)")
+    calibrate.add_argument("--retrain-segmenter", action="store_true",
+                           help="train a fresh defect segmenter in place of the artifact's (for --score learned "
+                           "or fused); the VAE and the local statistics stay")
     report = commands.add_parser("report", help="(re)write an artifact's report folder (plots and index.html) "
                                  "without retraining")
     report.add_argument("artifact", help="the artifact, e.g. models/digits.pt; writes models/digits-report/")
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace, command: str) -> None:
         from .calibrate import calibrate, describe
 
         out = Path(args.out) if args.out else None
-        metadata = calibrate(Path(args.artifact), out, args.score, args.data, command, args.segmenter_steps)
+        metadata = calibrate(Path(args.artifact), out, args.score, args.data, command, args.segmenter_steps,
+                             retrain_segmenter=args.retrain_segmenter)
         print(describe(metadata, out or args.artifact))
     elif args.command == "report":
         from .report import regenerate_report

@@ -3,12 +3,14 @@ as its calibration, and optionally switch its default score kind.
 
     python -m training calibrate models/fashion.pt --score peak
     python -m training calibrate models/brick.pt --data good-patches.npy --out models/brick-site2.pt
+    python -m training calibrate models/fashion.pt --retrain-segmenter --segmenter-steps 12000
 
 The weights are copied unchanged into a freshly scripted `ServableVAE` (so an artifact exported by
 an older version of this code gains the newer score kinds), the fixed score noise included, so the
 elbo and iwae scores stay what they were. An artifact exported before the `local` and `combined`
 kinds existed gets their statistics fitted on its own training split (rebuilt from its config); one
-switched to `learned` or `fused` without a defect segmenter gets one trained there likewise.
+switched to `learned` or `fused` without a defect segmenter gets one trained there likewise, and
+`--retrain-segmenter` trains a fresh one in place of the one it has.
 Without --data the calibration images are the artifact's own calibration split, rebuilt likewise.
 """
 
@@ -36,7 +38,7 @@ from .export import (
 )
 from .model import VAEConfig, build_vae
 from .scoring import LEARNED_KINDS, LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
-from .segmenter import WIDTH
+from .segmenter import WIDTH, DefectSegmenter
 
 
 def architecture_of(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +85,8 @@ def calibration_images(metadata: dict[str, Any], data: str | None,
 
 def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
                      kind: str, steps: int | None, progress: bool = True) -> int:
-    """Train the defect segmenter of an artifact exported without one, on its own training split,
-    for `steps` batches (None: the conv default). Returns the steps trained."""
+    """Train a fresh defect segmenter on the artifact's own training split, for `steps` batches
+    (None: the conv default), from the training seed. Returns the steps trained."""
     steps = AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
     if steps <= 0:
         raise ValueError(f"--score {kind} needs the defect segmenter: --segmenter-steps must be above 0")
@@ -93,14 +95,20 @@ def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits
     except (OSError, ValueError) as error:
         raise ValueError(f"--score {kind} needs the artifact's training data to train its defect segmenter, "
                          f"and it could not be loaded: {error}") from error
-    fit_defect_segmenter(servable, splits, steps, metadata["training"]["config"].get("seed", 0), progress)
+    seed = metadata["training"]["config"].get("seed", 0)
+    with torch.random.fork_rng():       # fresh weights from the seed, not from whatever ran before
+        torch.manual_seed(seed)
+        servable.segmenter = DefectSegmenter(servable.vae.config.channels, servable.segmenter.width)
+    fit_defect_segmenter(servable, splits, steps, seed, progress)
     return steps
 
 
 def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None, data: str | None = None,
-              command: str = "", segmenter_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+              command: str = "", segmenter_steps: int | None = None, progress: bool = True,
+              retrain_segmenter: bool = False) -> dict[str, Any]:
     """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata.
-    A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`)."""
+    A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`);
+    `retrain_segmenter` replaces the one it has (the VAE and the local statistics stay)."""
     module, metadata = load_artifact(path)
     kind = score_kind or metadata["calibration"]["score_kind"]
     if kind not in SCORE_KINDS:
@@ -113,7 +121,10 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     if not servable.local_fitted:
         fit_or_explain(servable, metadata, own_splits, kind)
     trained = int(servable.segmenter_steps)
-    if kind in LEARNED_KINDS and not servable.segmenter_trained:
+    if retrain_segmenter and kind not in LEARNED_KINDS:
+        raise ValueError(f"--retrain-segmenter is for the scores that read it (learned, fused), not {kind}: "
+                         "add --score fused")
+    if kind in LEARNED_KINDS and (retrain_segmenter or not servable.segmenter_trained):
         trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps, progress)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {

@@ -103,6 +103,28 @@ def test_an_artifact_gains_the_learned_kinds_by_recalibration(digits_artifact: P
                                    load_artifact(tmp_path / "again.pt")[0].score(images))
 
 
+def test_retrain_segmenter_replaces_only_the_segmenter(digits_artifact: Path, tmp_path: Path) -> None:
+    first = tmp_path / "fused.pt"
+    calibrate(digits_artifact, first, score_kind="fused", segmenter_steps=4, command="test")
+    metadata = calibrate(first, tmp_path / "again.pt", segmenter_steps=6, retrain_segmenter=True, command="test")
+    assert metadata["score"]["kind"] == "fused" and metadata["score"]["segmenter"]["steps"] == 6
+    before, after = load_artifact(first)[0], load_artifact(tmp_path / "again.pt")[0]
+    images = torch.as_tensor(load_source("digits").images[:32])
+    with torch.no_grad():
+        torch.testing.assert_close(before(images), after(images))             # the same VAE
+        torch.testing.assert_close(before.score_by(images, "local"), after.score_by(images, "local"))
+        assert not torch.allclose(before.score_by(images, "learned"), after.score_by(images, "learned"))
+    # the same command twice trains the same segmenter: its weights start from the training seed
+    calibrate(first, tmp_path / "twice.pt", segmenter_steps=6, retrain_segmenter=True, command="test")
+    with torch.no_grad():
+        torch.testing.assert_close(after.score(images), load_artifact(tmp_path / "twice.pt")[0].score(images))
+
+
+def test_retrain_segmenter_needs_a_kind_that_reads_it(digits_artifact: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--retrain-segmenter is for the scores that read it"):
+        calibrate(digits_artifact, tmp_path / "x.pt", score_kind="peak", retrain_segmenter=True)
+
+
 def test_learned_kinds_without_a_segmenter_are_refused_clearly(digits_artifact: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--segmenter-steps must be above 0"):
         calibrate(digits_artifact, tmp_path / "x.pt", score_kind="learned", segmenter_steps=0)
