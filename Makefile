@@ -34,7 +34,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
 # rebuild the committed models from scratch (digits: ~20 s; Fashion-MNIST: 30 epochs, 82 min on a shared 2-core
-# machine, then its defect segmenter's 24,000 steps, about 25 min more)
+# machine, then its defect segmenter's 24,000 steps: 37 min more here on one thread beside another job)
 models: $(VENV)/.installed-dev
 	$(BIN)/python -m training train --data digits --out models/digits.pt --quiet
 	$(BIN)/python -m training train --data fashion-mnist --out models/fashion.pt --segmenter-steps 24000 --quiet
