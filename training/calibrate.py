@@ -113,6 +113,9 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     kind = score_kind or metadata["calibration"]["score_kind"]
     if kind not in SCORE_KINDS:
         raise ValueError(f"--score must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
+    if retrain_segmenter and kind not in LEARNED_KINDS:
+        raise ValueError(f"--retrain-segmenter is for the scores that read it (learned, fused), not {kind}: "
+                         "add --score fused")
     own_splits = cache(lambda: artifact_splits(metadata))     # loaded once, and only if needed
     images, source = calibration_images(metadata, data, own_splits)
     if data is not None and len(images) < 100:      # the artifact's own split is what training had
@@ -121,9 +124,6 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     if not servable.local_fitted:
         fit_or_explain(servable, metadata, own_splits, kind)
     trained = int(servable.segmenter_steps)
-    if retrain_segmenter and kind not in LEARNED_KINDS:
-        raise ValueError(f"--retrain-segmenter is for the scores that read it (learned, fused), not {kind}: "
-                         "add --score fused")
     if kind in LEARNED_KINDS and (retrain_segmenter or not servable.segmenter_trained):
         trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps, progress)
     now = datetime.now(UTC).isoformat(timespec="seconds")
