@@ -35,7 +35,14 @@ from training import evaluate
 from training.calibrate import rebuild_servable
 from training.defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set
 from training.evaluate import TEXTURES
-from training.export import artifact_splits, fit_defect_segmenter, fit_local_statistics, load_artifact, score_images
+from training.export import (
+    artifact_splits,
+    fit_defect_segmenter,
+    fit_local_statistics,
+    load_artifact,
+    score_images,
+    segmenter_steps_of,
+)
 from training.plots import plt, save_figure
 from training.scoring import ServableVAE
 from training.segmenter import DefectSegmenter
@@ -81,11 +88,6 @@ def load_subject(options: Options) -> Subject:
                    tuple(IMAGE_DEFECTS))
 
 
-def own_steps(metadata: dict[str, Any]) -> int:
-    """The steps the artifact's segmenter was trained for (0: it has none)."""
-    return int(metadata["score"].get("segmenter", {}).get("steps", 0))
-
-
 def retrained(subject: Subject, seed: int, steps: int, progress: bool) -> ServableVAE:
     """The artifact with a fresh segmenter, initialised and trained from `seed` (which also draws
     its corruptions and its sample of training images)."""
@@ -123,12 +125,12 @@ def run(options: Options, command: str) -> Path:
 def _measure(options: Options, command: str) -> Path:
     started = time.perf_counter()
     subject = load_subject(options)
-    steps = options.steps or own_steps(subject.metadata)
+    steps = options.steps or segmenter_steps_of(subject.metadata)
     if steps < 1:
         raise ValueError(f"{subject.path} has no defect segmenter to copy the steps of: pass --steps")
     defective = {kind: defective_set(subject.clean, kind, options.defect_seed)[0] for kind in subject.kinds}
     figures = {}
-    if own_steps(subject.metadata):
+    if segmenter_steps_of(subject.metadata):
         figures["shipped"] = aurocs(subject.module, subject.clean, defective)
     for seed in tqdm(options.seeds, desc="seeds", disable=not options.progress):
         figures[f"seed {seed}"] = aurocs(retrained(subject, seed, steps, options.progress), subject.clean, defective)

@@ -137,6 +137,11 @@ def segmenter_settings(steps: int, vae_config: Any, width: int = SEGMENTER_WIDTH
                           "training-split images; none of the evaluation's defects"}
 
 
+def segmenter_steps_of(metadata: dict[str, Any]) -> int:
+    """The steps an artifact's defect segmenter was trained for (0: it has none)."""
+    return int(metadata["score"].get("segmenter", {}).get("steps", 0))
+
+
 def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,
                     path: Path) -> dict[str, Any]:
     """Script the servable, score the calibration images with the scripted module (exactly as

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from service.runtime import ModelRuntime
+from training.calibrate import calibrate
 from training.data import load_source
 from training.defects import CHANGED, IMAGE_DEFECTS, TEXTURE_DEFECTS, apply_defect, defective_set
-from training.evaluate import ANCHOR_NAMES, Options, conformal_threshold, run, texture_patches
+from training.evaluate import ANCHOR_NAMES, Options, conformal_threshold, run, texture_patches, with_segmenter_steps
+from training.export import load_artifact, segmenter_steps_of
 from training.reference import NAME as REFERENCE
 
 
@@ -106,3 +108,18 @@ def test_texture_bands_are_disjoint() -> None:
     # no patch of one band reappears in another (the bands are separate columns of the image)
     seen = {p.tobytes() for p in train}
     assert not any(p.tobytes() in seen for p in (*cal, *test))
+
+
+def test_a_cached_segmenter_of_other_steps_is_retrained_on_a_copy(digits_artifact: Path, tmp_path: Path) -> None:
+    """The evaluation's trainings are cached by their settings, where the segmenter's steps are
+    often `auto`; the steps are checked on the artifact itself, so a changed count never reuses a
+    segmenter trained for another."""
+    assert with_segmenter_steps(digits_artifact, tmp_path, 6) == digits_artifact      # excess reads none
+    fused = tmp_path / "fused.pt"
+    calibrate(digits_artifact, fused, score_kind="fused", segmenter_steps=4, command="test")
+    assert with_segmenter_steps(fused, tmp_path, 4) == fused
+    retrained = with_segmenter_steps(fused, tmp_path, 6, progress=False)
+    assert retrained != fused and segmenter_steps_of(load_artifact(retrained)[1]) == 6
+    assert segmenter_steps_of(load_artifact(fused)[1]) == 4                       # the source untouched
+    written = retrained.stat().st_mtime_ns
+    assert with_segmenter_steps(fused, tmp_path, 6) == retrained and retrained.stat().st_mtime_ns == written
