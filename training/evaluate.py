@@ -270,10 +270,9 @@ def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
     from .train import train
 
     settings = config.to_dict()
-    # auto: keeps the digests of trainings cached before the field; the segmenter's steps are checked
-    # on the trained artifact instead (`with_segmenter_steps`)
-    if settings["segmenter_steps"] is None:
-        del settings["segmenter_steps"]
+    # not part of the key (as before the field existed, so older trainings stay cached): the
+    # segmenter's steps are checked on the trained artifact instead (`with_segmenter_steps`)
+    del settings["segmenter_steps"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = cache / f"{stem}-{digest}.pt"
     if not out.exists():
@@ -461,7 +460,7 @@ def texture_config(options: Options, npy: Path) -> TrainConfig:
     """The conv VAE per texture: 64x64 grey patches, the conv defaults unless overridden."""
     settings = {"data": str(npy), "arch": "conv", "epochs": options.texture_epochs, "quiet": True,
                 "report": False, "checkpoint_every": 0, "seed": options.seed, "threads": options.threads,
-                **options.texture_overrides}
+                "segmenter_steps": options.texture_segmenter_steps, **options.texture_overrides}
     return TrainConfig(**settings)
 
 
@@ -520,8 +519,9 @@ def novelty_suite(options: Options) -> dict[str, Any]:
         fprs: dict[str, float] = {}
         for k in tqdm(classes, desc=f"novelty {data}", leave=False, disable=not options.progress):
             epochs = options.novelty_epochs if data != "digits" else (20 if options.quick else None)
+            steps = options.novelty_segmenter_steps if data != "digits" else None    # digits' MLP trains none
             config = TrainConfig(data=data, class_filter=k, epochs=epochs, quiet=True, report=False,
-                                 checkpoint_every=0, seed=options.seed, threads=options.threads)
+                                 checkpoint_every=0, seed=options.seed, threads=options.threads, segmenter_steps=steps)
             trained = train_cached(config, options.cache, f"novelty-{data}-{k}")
             path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)   # the auto kind
             path = with_segmenter_steps(path, options.cache,

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 
 from service.runtime import ModelRuntime
+from tests.conftest import quick_config
 from training.calibrate import calibrate
 from training.data import load_source
 from training.defects import CHANGED, IMAGE_DEFECTS, TEXTURE_DEFECTS, apply_defect, defective_set
-from training.evaluate import ANCHOR_NAMES, Options, conformal_threshold, run, texture_patches, with_segmenter_steps
+from training.evaluate import (
+    ANCHOR_NAMES,
+    Options,
+    conformal_threshold,
+    run,
+    texture_patches,
+    train_cached,
+    with_segmenter_steps,
+)
 from training.export import load_artifact, segmenter_steps_of
 from training.reference import NAME as REFERENCE
 
@@ -123,3 +132,16 @@ def test_a_cached_segmenter_of_other_steps_is_retrained_on_a_copy(digits_artifac
     assert segmenter_steps_of(load_artifact(fused)[1]) == 4                       # the source untouched
     written = retrained.stat().st_mtime_ns
     assert with_segmenter_steps(fused, tmp_path, 6) == retrained and retrained.stat().st_mtime_ns == written
+
+
+def test_the_training_cache_is_keyed_without_the_segmenter_steps(tmp_path: Path) -> None:
+    """Which segmenter a cached training has is `with_segmenter_steps`' business: asking for other
+    steps reuses the cached VAE rather than training it again."""
+    config = quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=3)
+    first = train_cached(config, tmp_path / "cache", "tiny")
+    written = first.stat().st_mtime_ns
+    again = train_cached(quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=5),
+                         tmp_path / "cache", "tiny")
+    assert again == first and first.stat().st_mtime_ns == written
+    assert train_cached(quick_config(tmp_path, data="digits", epochs=2, score="fused", segmenter_steps=3),
+                        tmp_path / "cache", "tiny") != first          # the VAE's own settings still count
