@@ -83,11 +83,16 @@ def calibration_images(metadata: dict[str, Any], data: str | None,
     return load_source(data, shape["height"], shape["channels"]).images, data
 
 
+def segmenter_steps_or_default(steps: int | None) -> int:
+    """The steps asked for, or (None) as many as training gives a conv model."""
+    return AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
+
+
 def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
                      kind: str, steps: int | None, progress: bool = True) -> int:
     """Train a fresh defect segmenter on the artifact's own training split, for `steps` batches
     (None: the conv default), from the training seed. Returns the steps trained."""
-    steps = AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
+    steps = segmenter_steps_or_default(steps)
     if steps <= 0:
         raise ValueError(f"--score {kind} needs the defect segmenter: --segmenter-steps must be above 0")
     try:

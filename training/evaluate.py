@@ -58,7 +58,7 @@ from sklearn.neighbors import KernelDensity  # noqa: E402
 from sklearn.svm import OneClassSVM  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .calibrate import calibrate  # noqa: E402
+from .calibrate import calibrate, segmenter_steps_or_default  # noqa: E402
 from .config import AUTO_DEFAULTS, TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
@@ -235,16 +235,15 @@ def with_current_scores(path: Path, cache: Path, kind: str | None = None, progre
     return upgraded
 
 
-def with_segmenter_steps(path: Path, cache: Path, steps: int, progress: bool = True) -> Path:
+def with_segmenter_steps(path: Path, cache: Path, steps: int | None, progress: bool = True) -> Path:
     """The artifact itself if its default kind does not read the defect segmenter or the segmenter
-    was trained for `steps` batches; else a copy in the cache whose segmenter was retrained for
-    `steps` from the training seed (VAE, local statistics and kind unchanged). Keyed on the steps
-    the segmenter has, not on the training's settings, so a changed default is never answered by a
-    segmenter cached for another count."""
+    was trained for `steps` batches (None: as many as training gives a conv model); else a copy in
+    the cache whose segmenter was retrained for `steps` from the training seed (VAE, local
+    statistics and kind unchanged). Keyed on the steps the segmenter has, not on the training's
+    settings, so a changed default is never answered by a segmenter cached for another count."""
+    steps = segmenter_steps_or_default(steps)
     _, metadata = load_artifact(path)
-    if metadata["calibration"]["score_kind"] not in LEARNED_KINDS:
-        return path
-    if segmenter_steps_of(metadata) == steps:
+    if metadata["calibration"]["score_kind"] not in LEARNED_KINDS or segmenter_steps_of(metadata) == steps:
         return path
     retrained = cache / f"{path.stem}-segmenter{steps}.pt"
     if not retrained.exists() or retrained.stat().st_mtime < path.stat().st_mtime:
@@ -253,11 +252,6 @@ def with_segmenter_steps(path: Path, cache: Path, steps: int, progress: bool = T
         calibrate(path, retrained, command=f"training.evaluate: a {steps}-step segmenter", segmenter_steps=steps,
                   progress=progress, retrain_segmenter=True)
     return retrained
-
-
-def segmenter_steps_or_auto(steps: int | None) -> int:
-    """The steps asked for, or (None) as many as training gives a conv model today."""
-    return AUTO_DEFAULTS["conv"]["segmenter_steps"] if steps is None else steps
 
 
 def auto_kind(path: Path) -> str:
@@ -478,8 +472,7 @@ def texture_artifact(options: Options, name: str) -> tuple[Path, dict[str, np.nd
     # cached by older code stay valid
     kind = auto_kind(trained)
     path = with_current_scores(trained, options.cache, kind, options.progress)
-    path = with_segmenter_steps(path, options.cache, segmenter_steps_or_auto(options.texture_segmenter_steps),
-                                options.progress)
+    path = with_segmenter_steps(path, options.cache, options.texture_segmenter_steps, options.progress)
     calibrated = path.with_name(path.stem + "-calibrated.pt")
     calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
               command="training.evaluate: the calibration band")
@@ -524,8 +517,7 @@ def novelty_suite(options: Options) -> dict[str, Any]:
                                  checkpoint_every=0, seed=options.seed, threads=options.threads, segmenter_steps=steps)
             trained = train_cached(config, options.cache, f"novelty-{data}-{k}")
             path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)   # the auto kind
-            path = with_segmenter_steps(path, options.cache,
-                                        segmenter_steps_or_auto(options.novelty_segmenter_steps), options.progress)
+            path = with_segmenter_steps(path, options.cache, options.novelty_segmenter_steps, options.progress)
             context = load_context(path, f"{data}:{k}", options)
             test = context.splits.test.subset(np.arange(min(len(context.splits.test), options.novelty_max_images)))
             scores = context.score(test.images)
@@ -849,7 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--novelty-max-images", type=int, default=defaults.novelty_max_images,
                         help="test images (all classes) scored per one-class model")
     parser.add_argument("--novelty-segmenter-steps", type=int, default=defaults.novelty_segmenter_steps,
-                        help="the same for the one-class conv models (digits' MLP has none)")
+                        help="train the one-class conv models' defect segmenters this long (retrained on a copy "
+                        "when the cached training's differs; digits' MLP has none)")
     parser.add_argument("--textures", default=",".join(TEXTURES), help="scikit-image textures")
     parser.add_argument("--texture-epochs", type=int, default=defaults.texture_epochs)
     parser.add_argument("--texture-segmenter-steps", type=int, default=defaults.texture_segmenter_steps,
