@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,11 +161,22 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
     }}
     text = json.dumps(metadata, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    scripted.save(str(partial), _extra_files={METADATA_FILE: text})
-    os.replace(partial, path)
-    path.with_name(path.name + ".sha256").write_text(f"{sha256_of(path)}  {path.name}\n")
+    replace_atomically(path, lambda partial: scripted.save(str(partial), _extra_files={METADATA_FILE: text}))
+    checksum = f"{sha256_of(path)}  {path.name}\n"
+    replace_atomically(path.with_name(path.name + ".sha256"), lambda partial: partial.write_text(checksum))
     return json.loads(text)         # exactly what the file holds
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a file under a name of its own beside `path`, then move it into place: a reader never
+    sees half a file, and two processes writing one path (two evaluations sharing a cache) each
+    move a whole file of their own instead of one taking the other's half-written one away."""
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_artifact(path: Path, verify: bool = True) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

@@ -28,7 +28,14 @@ from tqdm import tqdm
 
 from .config import TrainConfig, resolve, validate
 from .data import ImageSet, Splits, load_source, split_set
-from .export import build_metadata, export_artifact, fit_defect_segmenter, fit_local_statistics, score_images
+from .export import (
+    build_metadata,
+    export_artifact,
+    fit_defect_segmenter,
+    fit_local_statistics,
+    replace_atomically,
+    score_images,
+)
 from .model import VAE, VAEConfig, build_vae
 from .report import report_dir, write_report
 from .scoring import ServableVAE
@@ -148,9 +155,7 @@ def checkpoint_path(out: Path) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)          # never a half-written checkpoint
+    replace_atomically(path, lambda partial: torch.save(state, partial))    # never a half-written checkpoint
 
 
 def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from training.data import load_source, split_set
-from training.export import FORMAT_VERSION, load_artifact, score_images, sha256_of
+from training.export import FORMAT_VERSION, load_artifact, replace_atomically, score_images, sha256_of
 from training.model import VAEConfig, build_vae
 from training.scoring import SCORE_KINDS, ServableVAE
 
@@ -69,6 +69,33 @@ def test_checksum_sidecar_matches_and_catches_tampering(digits_artifact: Path, t
     (tmp_path / (copy.name + ".sha256")).write_text(sidecar)
     with pytest.raises(ValueError, match="checksum"):
         load_artifact(copy)
+
+
+def test_two_writers_of_one_path_each_move_a_whole_file(tmp_path: Path) -> None:
+    """Two evaluations sharing a cache rewrite the same calibrated copy; with one fixed temporary
+    name the second moved the first's file away and the first failed on its own move."""
+    target = tmp_path / "artifact.pt"
+
+    def first(partial: Path) -> None:
+        partial.write_text("first")
+        replace_atomically(target, lambda other: other.write_text("second"))   # moves in meanwhile
+
+    replace_atomically(target, first)
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.pt"]       # no temporary left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "artifact.pt"
+    target.write_text("old")
+
+    def failing(partial: Path) -> None:
+        partial.write_text("new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(target, failing)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["artifact.pt"]
 
 
 @pytest.mark.parametrize("config", [
