@@ -35,6 +35,7 @@ from .export import (
     load_artifact,
     local_settings,
     segmenter_settings,
+    self_check_note,
 )
 from .model import VAEConfig, build_vae
 from .scoring import LEARNED_KINDS, LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
@@ -148,4 +149,5 @@ def describe(metadata: dict[str, Any], path: Path | str) -> str:
     """The command's one line: where it wrote, and the new calibration at a glance."""
     scores = np.asarray(metadata["calibration"]["scores"])
     return (f"wrote {path}: score {metadata['calibration']['score_kind']}, {len(scores)} calibration scores, "
-            f"median {np.median(scores):.4g}, 99th percentile {np.quantile(scores, 0.99):.4g}")
+            f"median {np.median(scores):.4g}, 99th percentile {np.quantile(scores, 0.99):.4g}"
+            f"{self_check_note(metadata)}")

@@ -63,7 +63,7 @@ from .config import AUTO_DEFAULTS, TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
 from .export import artifact_splits as split_of  # noqa: E402
-from .export import load_artifact, score_images, segmenter_steps_of  # noqa: E402
+from .export import load_artifact, score_images, segmenter_self_check, segmenter_steps_of  # noqa: E402
 from .plots import save_figure  # noqa: E402
 from .reference import NAME as REFERENCE  # noqa: E402
 from .reference import SupervisedReference  # noqa: E402
@@ -286,6 +286,7 @@ class Context:
     scorers: list[Scorer]
     calibration: dict[str, np.ndarray]       # score name -> calibration-split scores
     parity: str                              # how the default kind's calibration was checked
+    segmenter: dict[str, Any] | None = None  # its steps and self-check, if the artifact has one
 
     def score(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v for s in self.scorers for k, v in s.score(images).items()}
@@ -323,7 +324,20 @@ def load_context(path: Path, name: str, options: Options, calibration_images: np
     else:
         context.parity = f"not checked (calibration capped at {len(cal)} of {len(stored)} images)"
     context.calibration[context.default_name] = stored     # the service's own threshold
+    context.segmenter = segmenter_check(module, metadata, cal)
     return context
+
+
+def segmenter_check(module: torch.jit.ScriptModule, metadata: dict[str, Any],
+                    cal: np.ndarray) -> dict[str, Any] | None:
+    """The segmenter's steps and self-check on these calibration images: the artifact's own if it
+    was made on them (an artifact exported before the check existed has none), else measured here."""
+    steps = segmenter_steps_of(metadata)
+    if not steps:
+        return None
+    stored = metadata["score"]["segmenter"].get("self_check")
+    matches = stored is not None and len(metadata["calibration"]["scores"]) == len(cal)
+    return {"steps": steps, **(stored if matches else segmenter_self_check(module, cal))}
 
 
 # ---- options ---------------------------------------------------------------------------------
@@ -427,7 +441,8 @@ def defects_suite(options: Options, contexts: dict[str, Context]) -> dict[str, A
             continue
         clean = context.splits.test.images[:options.max_images]
         results[name] = {**detection(context, clean, list(IMAGE_DEFECTS), options),
-                         "artifact": str(context.metadata.get("name")), "parity": context.parity}
+                         "artifact": str(context.metadata.get("name")), "parity": context.parity,
+                         "segmenter": context.segmenter}
     return results
 
 
@@ -499,7 +514,8 @@ def textures_suite(options: Options, textures: dict[str, tuple[Context, np.ndarr
                          "train_seconds": context.metadata["metrics"]["train_seconds"],
                          "config": {k: config[k] for k in ("epochs", "latent_dim", "likelihood", "conv_channels",
                                                            "hidden", "batch_size")},
-                         "best_epoch": context.metadata["metrics"]["best_epoch"], "parity": context.parity}
+                         "best_epoch": context.metadata["metrics"]["best_epoch"], "parity": context.parity,
+                         "segmenter": context.segmenter}
     return results
 
 
@@ -625,6 +641,15 @@ def plot_examples(examples: dict[str, dict[str, Any]], title: str, path: Path) -
     return save_figure(fig, path)
 
 
+def segmenter_sentence(segmenter: dict[str, Any] | None) -> str:
+    """' Defect segmenter: ...' for a report, or '' when the artifact has none."""
+    if not segmenter:
+        return ""
+    return (f" Defect segmenter: {segmenter['steps']} steps, self-check AUROC {segmenter['auroc']:.3f} (`learned` on "
+            f"{segmenter['clean']} calibration images against {segmenter['corrupted']} copies with its own kind of "
+            "corruption: no evaluation defect).")
+
+
 def detection_section(title: str, block: dict[str, Any], out: Path, stem: str) -> list[str]:
     """Tables (AUROC, recall at the threshold, AUPR, pixel AUROC) and the two plots for one block."""
     metrics = block["metrics"]
@@ -638,7 +663,7 @@ def detection_section(title: str, block: dict[str, Any], out: Path, stem: str) -
     return [
         f"### {title}", "",
         f"{block['clean_images']} clean held-out images, each also with every defect kind. "
-        f"Default score's calibration: {block.get('parity', '')}.", "",
+        f"Default score's calibration: {block.get('parity', '')}.{segmenter_sentence(block.get('segmenter'))}", "",
         "AUROC:", "", metric_table(metrics, "auroc", names), "",
         "Recall at the 1% FPR threshold (conformal, from the calibration split):", "",
         metric_table(metrics, "recall", names), "",

@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from .config import TrainConfig
+from .corruptions import Corruptor
 from .data import ImageSet, Splits, load_source, split_set
 from .local_density import windows_for
 from .scoring import LOCAL_SHARE, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
@@ -139,6 +141,40 @@ def segmenter_settings(steps: int, vae_config: Any, width: int = SEGMENTER_WIDTH
                           "training-split images; none of the evaluation's defects"}
 
 
+SELF_CHECK_IMAGES = 2_000        # clean images the segmenter's self-check corrupts, at most
+SELF_CHECK_CORRUPTED = 1_000     # corrupted copies it wants: small sets are corrupted more than once
+SELF_CHECK_SEED = 1_000_003      # a corruptor seed no training draws
+
+
+def segmenter_self_check(module: torch.nn.Module, images: np.ndarray) -> dict[str, Any]:
+    """How well the `learned` score tells images from copies of them with the segmenter's own kind
+    of corruption (`training.corruptions`, from a seed no training draws): its AUROC, scored as the
+    service scores. It involves no evaluation defect, so it can be read on anyone's images; well
+    below 1, it says the segmenter has not learned even what it was taught, for these images (too
+    few steps, or images unlike the ones it was trained on)."""
+    clean = torch.as_tensor(images[:SELF_CHECK_IMAGES])
+    corruptor = Corruptor(*clean.shape[1:], seed=SELF_CHECK_SEED, bank_size=256)
+    corrupted = []
+    for _ in range(min(8, -(-SELF_CHECK_CORRUPTED // max(1, len(clean))))):
+        copies, masks = corruptor(clean)
+        corrupted.append(copies[masks.flatten(1).amax(1) > 0])     # the ones it left clean are not defects
+    corrupted = torch.cat(corrupted)
+    scores = np.r_[score_images(module, clean, "learned"), score_images(module, corrupted, "learned")]
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(corrupted))]
+    return {"auroc": round(float(roc_auc_score(labels, scores)), 4), "clean": len(clean),
+            "corrupted": len(corrupted), "seed": SELF_CHECK_SEED,
+            "what": "AUROC of the learned score: these images against copies with the segmenter's own "
+                    "kind of corruption (training.corruptions); no evaluation defect"}
+
+def self_check_note(metadata: dict[str, Any]) -> str:
+    """'; defect segmenter ...' with its steps and self-check, for an artifact that has one; else ''."""
+    segmenter = metadata["score"].get("segmenter", {})
+    if "self_check" not in segmenter:
+        return ""
+    return (f"; defect segmenter: {segmenter['steps']} steps, self-check AUROC {segmenter['self_check']['auroc']:.3f} "
+            "(its own kind of corruption on these images)")
+
+
 def segmenter_steps_of(metadata: dict[str, Any]) -> int:
     """The steps an artifact's defect segmenter was trained for (0: it has none)."""
     return int(metadata["score"].get("segmenter", {}).get("steps", 0))
@@ -152,6 +188,9 @@ def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration
     scores = score_images(scripted, calibration_images)
     score = {**metadata["score"], "kind": servable.score_kind, "kinds": servable.available_kinds(),
              "units": SCORE_UNITS[servable.score_kind]}
+    if servable.segmenter_trained:
+        check = segmenter_self_check(scripted, calibration_images)
+        score["segmenter"] = {**score.get("segmenter", {}), "self_check": check}
     metadata = {**metadata, "score": score, "calibration": {
         "split": "calibration",
         "count": len(scores),

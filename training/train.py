@@ -35,6 +35,7 @@ from .export import (
     fit_local_statistics,
     replace_atomically,
     score_images,
+    self_check_note,
 )
 from .model import VAE, VAEConfig, build_vae
 from .report import report_dir, write_report
@@ -295,7 +296,8 @@ def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, histor
         command=command or shlex.join(["python", "-m", "training", "train", *sys.argv[2:]]))
     metadata = export_artifact(servable, metadata, splits.cal.images, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.name}.sha256; test -ELBO "
-          f"{metrics['test_elbo']:.3f}, test -log p(x) <= {metrics['test_nll_iwae']:.3f} nats per image")
+          f"{metrics['test_elbo']:.3f}, test -log p(x) <= {metrics['test_nll_iwae']:.3f} nats per image"
+          f"{self_check_note(metadata)}")
     if config.report:
         written = write_report(servable, metadata, splits, out)
         print(f"report: {report_dir(out) / 'index.html'} ({len(written) - 1} plots)")

@@ -19,11 +19,13 @@ from training.evaluate import (
     Options,
     conformal_threshold,
     run,
+    segmenter_check,
+    segmenter_sentence,
     texture_patches,
     train_cached,
     with_segmenter_steps,
 )
-from training.export import load_artifact, segmenter_steps_of
+from training.export import artifact_splits, load_artifact, segmenter_steps_of
 from training.reference import NAME as REFERENCE
 
 
@@ -99,6 +101,7 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
             assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["aupr"] <= 1.0
             assert 0.0 <= metrics["recall"] <= 1.0
     assert block["parity"] == "equal to the artifact's calibration scores"
+    assert block["segmenter"] is None                              # excess reads no segmenter
     assert all(0.0 <= v <= 1.0 for kind in block["pixel"].values() for v in kind.values())
     observed = results["calibration"]["artifacts"]["digits"]["observed"]
     assert set(observed) == set(block["metrics"])
@@ -106,6 +109,7 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
     assert ("| kind | vae:excess | vae:recon | vae:elbo | vae:iwae | vae:peak | vae:local | vae:combined "
             "| PCA recon | PCA KDE | OC-SVM | IForest | supervised reference |") in report
     assert "## The targets" in report and "digits: observed FPR at the 1% threshold (vae:excess)" in report
+    assert "Defect segmenter" not in report
     assert (tmp_path / "report" / "defects-digits-auroc.png").stat().st_size > 0
     assert (tmp_path / "report" / "results.json").exists()
 
@@ -145,3 +149,18 @@ def test_the_training_cache_is_keyed_without_the_segmenter_steps(tmp_path: Path)
     assert again == first and first.stat().st_mtime_ns == written
     assert train_cached(quick_config(tmp_path, data="digits", epochs=2, score="fused", segmenter_steps=3),
                         tmp_path / "cache", "tiny") != first          # the VAE's own settings still count
+
+
+def test_the_segmenter_check_is_the_artifacts_own_or_measured_on_the_images_scored(digits_artifact: Path,
+                                                                                   tmp_path: Path) -> None:
+    fused = tmp_path / "fused.pt"
+    calibrate(digits_artifact, fused, score_kind="fused", segmenter_steps=4, command="test")
+    module, metadata = load_artifact(fused)
+    cal = artifact_splits(metadata).cal.images
+    own = segmenter_check(module, metadata, cal)
+    assert own == {"steps": 4, **metadata["score"]["segmenter"]["self_check"]}
+    fewer = segmenter_check(module, metadata, cal[:100])                # not what the artifact measured on
+    assert fewer["steps"] == 4 and fewer["clean"] == 100 and 0.0 <= fewer["auroc"] <= 1.0
+    assert segmenter_check(*load_artifact(digits_artifact), cal) is None
+    assert f"Defect segmenter: 4 steps, self-check AUROC {own['auroc']:.3f}" in segmenter_sentence(own)
+    assert segmenter_sentence(None) == ""

@@ -4,6 +4,7 @@ saw, and an artifact gains the `learned` and `fused` kinds by recalibration."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from training.calibrate import calibrate
 from training.corruptions import CLEAN_SHARE, PHOTOS, VISIBLE, Corruptor
 from training.data import load_source
 from training.evaluate import TEXTURES
-from training.export import load_artifact
+from training.export import load_artifact, segmenter_self_check
 from training.model import VAEConfig, build_vae
 from training.scoring import ServableVAE
 
@@ -75,6 +76,7 @@ def test_a_trained_segmenter_finds_corruptions_and_a_defect_kind_it_never_saw(on
     with torch.no_grad():
         found = torch.sigmoid(servable.segmenter(corrupted, servable(corrupted)))
     assert roc_auc_score(masks.flatten().numpy(), found.flatten().numpy()) > 0.7
+    assert segmenter_self_check(servable, stripes(200, 6).numpy())["auroc"] > 0.8
     clean = stripes(64, 4)
     barred = clean.clone()
     barred[:, :, 4:12, 7:9] = 0.05
@@ -86,6 +88,28 @@ def test_a_trained_segmenter_finds_corruptions_and_a_defect_kind_it_never_saw(on
     assert (inside > maps.mean((1, 2))).float().mean() > 0.9
 
 
+class LearnedOnly:
+    """Stands in for an artifact: scores images by `learned` with the given function."""
+
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.score = score
+
+    def score_by(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        assert kind == "learned"
+        return self.score(x)
+
+
+def test_the_self_check_reads_chance_for_a_blind_segmenter_and_one_for_a_perfect_one() -> None:
+    clean = stripes(50, 7)
+    blind = segmenter_self_check(LearnedOnly(lambda x: torch.zeros(len(x))), clean.numpy())
+    # knows the clean images, so any visible corruption is found: the corrupted copies score above 0
+    knowing = LearnedOnly(lambda x: torch.cdist(x.flatten(1), clean.flatten(1)).amin(1))
+    perfect = segmenter_self_check(knowing, clean.numpy())
+    assert blind["auroc"] == 0.5 and perfect["auroc"] == 1.0
+    assert blind["clean"] == 50 and blind["corrupted"] > 50          # a small set is corrupted more than once
+    assert segmenter_self_check(knowing, clean.numpy()) == perfect      # seeded: the same figure every time
+
+
 def test_an_artifact_gains_the_learned_kinds_by_recalibration(digits_artifact: Path, tmp_path: Path) -> None:
     before = load_artifact(digits_artifact)[1]
     assert "fused" not in before["score"]["kinds"] and before["score"]["segmenter"]["steps"] == 0
@@ -94,6 +118,8 @@ def test_an_artifact_gains_the_learned_kinds_by_recalibration(digits_artifact: P
     module, stored = load_artifact(out)
     assert stored == metadata and stored["score"]["kind"] == "fused"
     assert {"learned", "fused"} <= set(stored["score"]["kinds"]) and stored["score"]["segmenter"]["steps"] == 4
+    assert "self_check" not in before["score"]["segmenter"]
+    assert 0.0 <= stored["score"]["segmenter"]["self_check"]["auroc"] <= 1.0
     # recalibrating again keeps the trained segmenter: same scores, no second training
     again = calibrate(out, tmp_path / "again.pt", score_kind="learned", segmenter_steps=99, command="test")
     assert again["score"]["segmenter"]["steps"] == 4
