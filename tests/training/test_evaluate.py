@@ -16,8 +16,11 @@ from training.data import load_source
 from training.defects import CHANGED, IMAGE_DEFECTS, TEXTURE_DEFECTS, apply_defect, defective_set
 from training.evaluate import (
     ANCHOR_NAMES,
+    TEXTURES,
     Options,
+    build_parser,
     conformal_threshold,
+    options_from_args,
     run,
     segmenter_check,
     segmenter_sentence,
@@ -164,3 +167,17 @@ def test_the_segmenter_check_is_the_artifacts_own_or_measured_on_the_images_scor
     assert segmenter_check(*load_artifact(digits_artifact), cal) is None
     assert f"Defect segmenter: 4 steps, self-check AUROC {own['auroc']:.3f}" in segmenter_sentence(own)
     assert segmenter_sentence(None) == ""
+
+
+def test_texture_segmenter_steps_are_set_for_all_or_per_texture(capsys: pytest.CaptureFixture[str]) -> None:
+    def steps(*argv: str) -> dict[str, int | None]:
+        return options_from_args(build_parser().parse_args(list(argv))).texture_segmenter_steps
+
+    defaults = Options().texture_segmenter_steps
+    assert set(defaults) == set(TEXTURES) and steps() == defaults
+    assert steps("--texture-segmenter-steps", "3000") == dict.fromkeys(TEXTURES, 3000)
+    assert steps("--texture-segmenter-steps", "grass=500") == {**defaults, "grass": 500}
+    for bad in ("moss=100", "grass=many", "0", "grass=-5"):
+        with pytest.raises(SystemExit):
+            steps("--texture-segmenter-steps", bad)
+        assert "is not a positive count or texture=count" in capsys.readouterr().err
