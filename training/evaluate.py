@@ -365,7 +365,8 @@ class Options:
     texture_stride: int = 8            # pixels between patches, in every band
     texture_overrides: dict[str, Any] = field(default_factory=lambda: dict(TEXTURE_MODEL))
     # per texture (None: as training gives them). 4x training's 1,500 took brick's fused 0.871 -> 0.921;
-    # grass gained about 0.03 more from 12,000 with each of two seeds, brick nothing (README)
+    # on grass each of three seeds at 12,000 beat both at 6,000 (0.909-0.922 against 0.883-0.891),
+    # where brick gained nothing more (README)
     texture_segmenter_steps: dict[str, int | None] = field(
         default_factory=lambda: {"brick": 6000, "grass": 12000, "gravel": 6000})
     threads: int = 1                   # torch threads for the trainings: a second one is slower on a busy machine

@@ -166,6 +166,7 @@ def segmenter_self_check(module: torch.nn.Module, images: np.ndarray) -> dict[st
             "what": "AUROC of the learned score: these images against copies with the segmenter's own "
                     "kind of corruption (training.corruptions); no evaluation defect"}
 
+
 def self_check_note(metadata: dict[str, Any]) -> str:
     """'; defect segmenter ...' with its steps and self-check, for an artifact that has one; else ''."""
     segmenter = metadata["score"].get("segmenter", {})
