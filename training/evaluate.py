@@ -302,7 +302,8 @@ class Context:
 def load_context(path: Path, name: str, options: Options, calibration_images: np.ndarray | None = None,
                  defect_kinds: Sequence[str] = ()) -> Context:
     """Load an artifact, fit the anchors on its training split (and, given the defect kinds it will
-    be tested on, the supervised reference), and score its calibration images (its calibration split
+    be tested on, the supervised reference and its segmenter's self-check), and score its
+    calibration images (its calibration split
     unless given). The default kind's calibration scores are the artifact's own, checked against a
     fresh scoring when every calibration image is scored."""
     module, metadata = load_artifact(path)
@@ -324,7 +325,7 @@ def load_context(path: Path, name: str, options: Options, calibration_images: np
     else:
         context.parity = f"not checked (calibration capped at {len(cal)} of {len(stored)} images)"
     context.calibration[context.default_name] = stored     # the service's own threshold
-    context.segmenter = segmenter_check(module, metadata, cal)
+    context.segmenter = segmenter_check(module, metadata, cal) if defect_kinds else None
     return context
 
 
