@@ -303,9 +303,8 @@ def load_context(path: Path, name: str, options: Options, calibration_images: np
                  defect_kinds: Sequence[str] = ()) -> Context:
     """Load an artifact, fit the anchors on its training split (and, given the defect kinds it will
     be tested on, the supervised reference and its segmenter's self-check), and score its
-    calibration images (its calibration split
-    unless given). The default kind's calibration scores are the artifact's own, checked against a
-    fresh scoring when every calibration image is scored."""
+    calibration images (its calibration split unless given). The default kind's calibration scores
+    are the artifact's own, checked against a fresh scoring when every calibration image is scored."""
     module, metadata = load_artifact(path)
     splits = artifact_splits(metadata)
     scorers: list[Scorer] = [ArtifactScorer(module, metadata), ClassicalAnchors(options.seed)]
