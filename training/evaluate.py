@@ -876,7 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the cached training's differs; digits' MLP has none)")
     parser.add_argument("--textures", default=",".join(TEXTURES), help="scikit-image textures")
     parser.add_argument("--texture-epochs", type=int, default=defaults.texture_epochs)
-    parser.add_argument("--texture-segmenter-steps", type=texture_steps, default=None, metavar="STEPS",
+    parser.add_argument("--texture-segmenter-steps", type=texture_steps, metavar="STEPS",
+                        default=defaults.texture_segmenter_steps,    # not a string: argparse leaves it as it is
                         help="train the texture models' defect segmenters this long: one count for all, or "
                         "per texture, e.g. grass=12000,brick=6000 (the others keep theirs); retrained on a copy "
                         "when the cached training's differs (default: "
@@ -923,8 +924,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         novelty_classes=tuple(int(k) for k in args.novelty_classes.split(",")) if args.novelty_classes else None,
         textures=tuple(args.textures.split(",")), texture_epochs=args.texture_epochs,
         texture_stride=args.texture_stride, texture_overrides=overrides,
-        texture_segmenter_steps=args.texture_segmenter_steps or Options().texture_segmenter_steps,
-        reference=not args.no_reference,
+        texture_segmenter_steps=args.texture_segmenter_steps, reference=not args.no_reference,
         reference_steps=args.reference_steps)
 
 
