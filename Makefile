@@ -34,10 +34,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
 # rebuild the committed models from scratch (digits: ~20 s; Fashion-MNIST: 30 epochs, 82 min on a shared 2-core
-# machine, then its defect segmenter's 24,000 steps: 37 min more here on one thread beside another job)
+# machine, then its defect segmenter's 48,000 steps: 83 min more here on one thread beside other jobs)
 models: $(VENV)/.installed-dev
 	$(BIN)/python -m training train --data digits --out models/digits.pt --quiet
-	$(BIN)/python -m training train --data fashion-mnist --out models/fashion.pt --segmenter-steps 24000 --quiet
+	$(BIN)/python -m training train --data fashion-mnist --out models/fashion.pt --segmenter-steps 48000 --quiet
 	rm -f models/*.ckpt
 
 # anomaly detection against classical anchors: defects, textures, one-class novelty, calibration
@@ -57,7 +57,7 @@ eval-drift: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.texture_drift
 
 # how far the segmenter's seed alone moves the learned and fused figures, on models/fashion.pt and
-# make eval's brick model (four fresh segmenters each: Fashion-MNIST's 24,000 steps took 37 min on
+# make eval's brick model (four fresh segmenters each: Fashion-MNIST's 48,000 steps took 78 min on
 # one thread, brick's 6,000 about 8; more if brick's model is not cached yet)
 eval-spread: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.segmenter_spread

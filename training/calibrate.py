@@ -3,7 +3,7 @@ as its calibration, and optionally switch its default score kind.
 
     python -m training calibrate models/fashion.pt --score peak
     python -m training calibrate models/brick.pt --data good-patches.npy --out models/brick-site2.pt
-    python -m training calibrate models/fashion.pt --retrain-segmenter --segmenter-steps 24000
+    python -m training calibrate models/fashion.pt --retrain-segmenter --segmenter-steps 48000
 
 The weights are copied unchanged into a freshly scripted `ServableVAE` (so an artifact exported by
 an older version of this code gains the newer score kinds), the fixed score noise included, so the
