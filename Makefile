@@ -43,7 +43,8 @@ models: $(VENV)/.installed-dev
 # anomaly detection against classical anchors: defects, textures, one-class novelty, calibration
 # (trains the texture and one-class models into /tmp/vae-evaluate on first use: the ten one-class
 # Fashion-MNIST VAEs took 31 min on 2 cores, each texture VAE ~10, and each of the 13 defect
-# segmenters 8-13 min on one thread at 6,000 steps, grass's 16 at 12,000)
+# segmenters 8-13 min on one thread at 6,000 steps, grass's 16 at 12,000; the supervised references
+# train as long as their model's segmenter, Fashion-MNIST's 48,000 steps 72 min on one thread)
 eval: $(VENV)/.installed-dev
 	$(BIN)/python -m training.evaluate
 
