@@ -20,6 +20,7 @@ from training.evaluate import (
     Options,
     build_parser,
     conformal_threshold,
+    detection_targets,
     options_from_args,
     run,
     segmenter_check,
@@ -181,3 +182,18 @@ def test_texture_segmenter_steps_are_set_for_all_or_per_texture(capsys: pytest.C
         with pytest.raises(SystemExit):
             steps("--texture-segmenter-steps", bad)
         assert "is not a positive count or texture=count" in capsys.readouterr().err
+
+
+def test_a_kind_where_anchor_and_default_are_both_perfect_counts_as_met_and_says_so() -> None:
+    def block(default: dict[str, float], anchor: dict[str, float]) -> dict:
+        def metric(values: dict[str, float]) -> dict:
+            return {**{k: {"auroc": v} for k, v in values.items()}, "mean": {"auroc": sum(values.values()) / 2}}
+        return {"metrics": {"vae:fused": metric(default), **{a: metric(anchor) for a in ANCHOR_NAMES}}}
+
+    tied = detection_targets("t", block({"noise": 1.0, "blur": 0.9}, {"noise": 1.0, "blur": 0.8}), 0.85, 0.95)[2]
+    assert tied[1:] == ["1 of 2 (and 1 tied at 1.000)", "2 of 2", "yes"]
+    # a tie below 1.0 is not above the anchor, and a lost kind stays a miss
+    level = detection_targets("t", block({"noise": 0.9, "blur": 0.9}, {"noise": 0.9, "blur": 0.8}), 0.85, 0.95)[2]
+    assert level[1:] == ["1 of 2", "2 of 2", "**no**"]
+    lost = detection_targets("t", block({"noise": 0.99, "blur": 0.9}, {"noise": 1.0, "blur": 0.8}), 0.85, 0.95)[2]
+    assert lost[1:] == ["1 of 2", "2 of 2", "**no**"]
