@@ -58,8 +58,9 @@ eval-drift: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.texture_drift
 
 # how far the segmenter's seed alone moves the learned and fused figures, on models/fashion.pt and
-# make eval's brick model (four fresh segmenters each: Fashion-MNIST's 48,000 steps took 78 min on
-# one thread, brick's 6,000 about 8; more if brick's model is not cached yet)
+# make eval's brick model (four fresh segmenters each: one of Fashion-MNIST's 48,000 steps took 78 min
+# on one thread, so about 5 hours for the four; brick's four at 6,000 steps 42 min beside other jobs;
+# more if brick's model is not cached yet)
 eval-spread: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.segmenter_spread
 	$(BIN)/python -m benchmarks.segmenter_spread --texture brick
