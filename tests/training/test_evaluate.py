@@ -187,7 +187,8 @@ def test_texture_segmenter_steps_are_set_for_all_or_per_texture(capsys: pytest.C
 def test_a_kind_where_anchor_and_default_are_both_perfect_counts_as_met_and_says_so() -> None:
     def block(default: dict[str, float], anchor: dict[str, float]) -> dict:
         def metric(values: dict[str, float]) -> dict:
-            return {**{k: {"auroc": v} for k, v in values.items()}, "mean": {"auroc": sum(values.values()) / 2}}
+            mean = sum(values.values()) / len(values)
+            return {**{k: {"auroc": v} for k, v in values.items()}, "mean": {"auroc": mean}}
         return {"metrics": {"vae:fused": metric(default), **{a: metric(anchor) for a in ANCHOR_NAMES}}}
 
     tied = detection_targets("t", block({"noise": 1.0, "blur": 0.9}, {"noise": 1.0, "blur": 0.8}), 0.85, 0.95)[2]
