@@ -3,6 +3,7 @@
 Run from the repository root:
     .venv/bin/python -m benchmarks.segmenter_spread                      # models/fashion.pt
     .venv/bin/python -m benchmarks.segmenter_spread --texture brick      # make eval's brick model
+    .venv/bin/python -m benchmarks.segmenter_spread --jobs 2 --threads 1 # two seeds at once, one core each
 
 The segmenter (`training.segmenter`) is the one part of the default score trained from random
 numbers after the VAE: its initial weights, its stream of synthetic corruptions and its sample of
@@ -19,7 +20,9 @@ It writes benchmarks/results/segmenter-spread-<name>.md and .png.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +62,8 @@ class Options:
     test_images: int = 1000              # the defects suite's count (training.evaluate --max-images)
     defect_seed: int = 0                 # the evaluation's
     cache: Path = evaluate.Options().cache
-    threads: int = 2
+    threads: int = 2                     # torch threads per seed
+    jobs: int = 1                        # seeds trained at once, each in its own process
     out: Path | None = None              # default: benchmarks/results/segmenter-spread-<name>
     progress: bool = True
 
@@ -122,21 +126,53 @@ def run(options: Options, command: str) -> Path:
         return _measure(options, command)
 
 
+def defective_sets(subject: Subject, defect_seed: int) -> dict[str, np.ndarray]:
+    return {kind: defective_set(subject.clean, kind, defect_seed)[0] for kind in subject.kinds}
+
+
+def seed_figures(options: Options, seed: int, steps: int) -> dict[str, dict[str, float]]:
+    """One fresh segmenter's figures, from nothing but the options, so a worker process can run it:
+    the TorchScript module does not pickle, so each worker loads the subject itself."""
+    with isolated(options.threads):
+        subject = load_subject(options)
+        return aurocs(retrained(subject, seed, steps, progress=False), subject.clean,
+                      defective_sets(subject, options.defect_seed))
+
+
 def _measure(options: Options, command: str) -> Path:
     started = time.perf_counter()
     subject = load_subject(options)
     steps = options.steps or segmenter_steps_of(subject.metadata)
     if steps < 1:
         raise ValueError(f"{subject.path} has no defect segmenter to copy the steps of: pass --steps")
-    defective = {kind: defective_set(subject.clean, kind, options.defect_seed)[0] for kind in subject.kinds}
+    defective = defective_sets(subject, options.defect_seed)
     figures = {}
     if segmenter_steps_of(subject.metadata):
         figures["shipped"] = aurocs(subject.module, subject.clean, defective)
-    for seed in tqdm(options.seeds, desc="seeds", disable=not options.progress):
-        figures[f"seed {seed}"] = aurocs(retrained(subject, seed, steps, options.progress), subject.clean, defective)
-        tqdm.write(f"seed {seed}: fused mean {figures[f'seed {seed}']['fused']['mean']:.3f}")
+    if options.jobs > 1:
+        by_seed = _in_workers(options, steps)
+    else:
+        by_seed = {}
+        for seed in tqdm(options.seeds, desc="seeds", disable=not options.progress):
+            by_seed[seed] = aurocs(retrained(subject, seed, steps, options.progress), subject.clean, defective)
+            tqdm.write(f"seed {seed}: fused mean {by_seed[seed]['fused']['mean']:.3f}")
+    figures |= {f"seed {seed}": by_seed[seed] for seed in options.seeds}
     out = options.out or ROOT / "benchmarks" / "results" / f"segmenter-spread-{subject.name}"
     return write_report(figures, subject, steps, options, out, command, time.perf_counter() - started)
+
+
+def _in_workers(options: Options, steps: int) -> dict[int, dict[str, dict[str, float]]]:
+    """Each seed in its own process, `options.jobs` at a time. Spawned, not forked: a forked child
+    inherits torch's thread pool in whatever state the parent left it."""
+    context = multiprocessing.get_context("spawn")
+    by_seed = {}
+    with ProcessPoolExecutor(max_workers=min(options.jobs, len(options.seeds)), mp_context=context) as pool:
+        pending = {pool.submit(seed_figures, options, seed, steps): seed for seed in options.seeds}
+        for done in tqdm(as_completed(pending), total=len(pending), desc="seeds", disable=not options.progress):
+            seed = pending[done]
+            by_seed[seed] = done.result()
+            tqdm.write(f"seed {seed}: fused mean {by_seed[seed]['fused']['mean']:.3f}")
+    return by_seed
 
 
 def spread_rows(figures: dict[str, dict[str, dict[str, float]]], kind: str) -> list[list[str]]:
@@ -197,7 +233,9 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--steps", type=int, default=None, help="segmenter steps (default: the artifact's own)")
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
     parser.add_argument("--cache", type=Path, default=defaults.cache, help="make eval's artifact cache")
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per seed")
+    parser.add_argument("--jobs", type=int, default=defaults.jobs,
+                        help="seeds trained at once, each in its own process (about jobs x threads cores)")
     parser.add_argument("--out", type=Path, default=None, help="report path without suffix")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -207,9 +245,11 @@ def parse_options(argv: list[str] | None) -> Options:
         parser.error(f"--seeds must be comma-separated integers; got {args.seeds!r}")
     if not seeds or (args.steps is not None and args.steps < 1) or args.test_images < 2:
         parser.error("--seeds needs at least one seed, --steps at least 1, --test-images at least 2")
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
     return Options(artifact=args.artifact, texture=args.texture, seeds=seeds, steps=args.steps,
-                   test_images=args.test_images, cache=args.cache, threads=args.threads, out=args.out,
-                   progress=not args.no_progress)
+                   test_images=args.test_images, cache=args.cache, threads=args.threads, jobs=args.jobs,
+                   out=args.out, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,3 +55,19 @@ def test_bad_seeds_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         segmenter_spread.parse_options(["--seeds", "1,two"])
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_seeds_trained_in_worker_processes_give_the_same_figures(tmp_path: Path) -> None:
+    common = ["--artifact", str(DIGITS), "--seeds", "1,2", "--steps", "3", "--test-images", "20",
+              "--threads", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "serial" / "spread")]) == 0
+    assert main([*common, "--jobs", "2", "--out", str(tmp_path / "parallel" / "spread")]) == 0
+    serial, parallel = ((tmp_path / run / "spread.md").read_text().splitlines() for run in ("serial", "parallel"))
+    assert serial[4:] == parallel[4:]          # every table row; the first lines hold the command and the time
+    assert "| **mean** |" in "\n".join(parallel)
+
+
+def test_jobs_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        segmenter_spread.parse_options(["--jobs", "0"])
+    assert "--jobs and --threads must be at least 1" in capsys.readouterr().err
