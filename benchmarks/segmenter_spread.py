@@ -48,7 +48,7 @@ from training.export import (
 )
 from training.plots import plt, save_figure
 from training.scoring import ServableVAE
-from training.segmenter import DefectSegmenter
+from training.segmenter import build_segmenter
 
 KINDS = ("learned", "fused")
 
@@ -59,6 +59,7 @@ class Options:
     texture: str | None = None           # a make eval texture model instead of --artifact
     seeds: tuple[int, ...] = (1, 2, 3, 4)
     steps: int | None = None             # None: as many as the artifact's own segmenter
+    levels: int | None = None            # None: as many as the artifact's own segmenter (2 or 3)
     test_images: int = 1000              # the defects suite's count (training.evaluate --max-images)
     defect_seed: int = 0                 # the evaluation's
     cache: Path = evaluate.Options().cache
@@ -92,15 +93,16 @@ def load_subject(options: Options) -> Subject:
                    tuple(IMAGE_DEFECTS))
 
 
-def retrained(subject: Subject, seed: int, steps: int, progress: bool) -> ServableVAE:
-    """The artifact with a fresh segmenter, initialised and trained from `seed` (which also draws
-    its corruptions and its sample of training images)."""
+def retrained(subject: Subject, seed: int, steps: int, progress: bool, levels: int | None = None) -> ServableVAE:
+    """The artifact with a fresh segmenter of `levels` (None: as many as the artifact's), initialised
+    and trained from `seed` (which also draws its corruptions and its sample of training images)."""
     servable = rebuild_servable(subject.module, subject.metadata, "fused")
     splits = artifact_splits(subject.metadata)
     if not servable.local_fitted:         # an artifact exported before `local` (the shipped digits)
         fit_local_statistics(servable, splits, seed)
     torch.manual_seed(seed)
-    servable.segmenter = DefectSegmenter(subject.metadata["input"]["channels"], servable.segmenter.width)
+    servable.segmenter = build_segmenter(subject.metadata["input"]["channels"], servable.segmenter.width,
+                                         levels or servable.segmenter.levels)
     fit_defect_segmenter(servable, splits, steps, seed, progress)
     return servable.eval()
 
@@ -135,7 +137,7 @@ def seed_figures(options: Options, seed: int, steps: int) -> dict[str, dict[str,
     the TorchScript module does not pickle, so each worker loads the subject itself."""
     with isolated(options.threads):
         subject = load_subject(options)
-        return aurocs(retrained(subject, seed, steps, progress=False), subject.clean,
+        return aurocs(retrained(subject, seed, steps, False, options.levels), subject.clean,
                       defective_sets(subject, options.defect_seed))
 
 
@@ -154,7 +156,8 @@ def _measure(options: Options, command: str) -> Path:
     else:
         by_seed = {}
         for seed in tqdm(options.seeds, desc="seeds", disable=not options.progress):
-            by_seed[seed] = aurocs(retrained(subject, seed, steps, options.progress), subject.clean, defective)
+            fresh = retrained(subject, seed, steps, options.progress, options.levels)
+            by_seed[seed] = aurocs(fresh, subject.clean, defective)
             tqdm.write(f"seed {seed}: fused mean {by_seed[seed]['fused']['mean']:.3f}")
     figures |= {f"seed {seed}": by_seed[seed] for seed in options.seeds}
     out = options.out or ROOT / "benchmarks" / "results" / f"segmenter-spread-{subject.name}"
@@ -189,12 +192,14 @@ def spread_rows(figures: dict[str, dict[str, dict[str, float]]], kind: str) -> l
 def write_report(figures: dict[str, dict[str, dict[str, float]]], subject: Subject, steps: int, options: Options,
                  out: Path, command: str, seconds: float) -> Path:
     header = ["defect", *figures, "lowest", "highest", "range"]
+    own_levels = subject.metadata["score"].get("segmenter", {}).get("levels", 2)
+    levels = options.levels or own_levels
     lines = [
         f"# How far the segmenter's seed moves the scores ({subject.name})", "",
         f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.", "",
         f"- artifact: `{shown(subject.path)}`; `shipped` is its own segmenter, each `seed N` a fresh one "
         f"trained from seed N (initial weights, corruptions, sample of training images) for {steps} steps, "
-        "the VAE and the local statistics unchanged",
+        f"with {levels} levels (the artifact's own: {own_levels}), the VAE and the local statistics unchanged",
         f"- AUROC of {len(subject.clean)} clean test images against the same images with each defect kind, drawn "
         f"with the evaluation's seed ({options.defect_seed}) as `make eval` draws them", ""]
     for kind in KINDS:
@@ -231,6 +236,8 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--texture", choices=TEXTURES, default=None, help="make eval's texture model instead")
     parser.add_argument("--seeds", default=",".join(map(str, defaults.seeds)), help="comma-separated integers")
     parser.add_argument("--steps", type=int, default=None, help="segmenter steps (default: the artifact's own)")
+    parser.add_argument("--levels", type=int, choices=(2, 3), default=None,
+                        help="the fresh segmenters' levels (default: the artifact's own)")
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
     parser.add_argument("--cache", type=Path, default=defaults.cache, help="make eval's artifact cache")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per seed")
@@ -247,7 +254,7 @@ def parse_options(argv: list[str] | None) -> Options:
         parser.error("--seeds needs at least one seed, --steps at least 1, --test-images at least 2")
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
-    return Options(artifact=args.artifact, texture=args.texture, seeds=seeds, steps=args.steps,
+    return Options(artifact=args.artifact, texture=args.texture, seeds=seeds, steps=args.steps, levels=args.levels,
                    test_images=args.test_images, cache=args.cache, threads=args.threads, jobs=args.jobs,
                    out=args.out, progress=not args.no_progress)
 

@@ -1,6 +1,6 @@
 """Command line: `python -m training train --data SOURCE --out PATH [options]`, and
 `python -m training calibrate ARTIFACT [--score KIND] [--data SOURCE] [--out PATH] [--segmenter-steps N]
-[--retrain-segmenter]`.
+[--segmenter-levels 2|3] [--retrain-segmenter]`.
 
 The options are generated from `TrainConfig`, one per field, with its default in --help.
 """
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--segmenter-steps", type=int, default=None, metavar="STEPS",
                            help="batches to train the defect segmenter for, when --score learned or fused "
                            "needs one the artifact lacks or --retrain-segmenter (default: 1500)")
+    calibrate.add_argument("--segmenter-levels", type=int, default=None, choices=(2, 3),
+                           help="resolutions a freshly trained defect segmenter works at: 2 (full and half), or "
+                           "3, which adds a quarter and learns more per step (default: the artifact's, else 2)")
     calibrate.add_argument("--retrain-segmenter", action="store_true",
                            help="train a fresh defect segmenter in place of the artifact's (for --score learned "
                            "or fused); the VAE and the local statistics stay")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace, command: str) -> None:
 
         out = Path(args.out) if args.out else None
         metadata = calibrate(Path(args.artifact), out, args.score, args.data, command, args.segmenter_steps,
-                             retrain_segmenter=args.retrain_segmenter)
+                             retrain_segmenter=args.retrain_segmenter, segmenter_levels=args.segmenter_levels)
         print(describe(metadata, out or args.artifact))
     elif args.command == "report":
         from .report import regenerate_report

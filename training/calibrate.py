@@ -39,7 +39,7 @@ from .export import (
 )
 from .model import VAEConfig, build_vae
 from .scoring import LEARNED_KINDS, LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
-from .segmenter import WIDTH, DefectSegmenter
+from .segmenter import LEVELS, WIDTH, build_segmenter
 
 
 def architecture_of(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +53,10 @@ def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], s
     """An eager `ServableVAE` with the scripted module's weights and score noise."""
     vae = build_vae(VAEConfig(**architecture_of(metadata)))
     peak = metadata["score"].get("peak", {})
-    width = metadata["score"].get("segmenter", {}).get("width", WIDTH)
+    segmenter = metadata["score"].get("segmenter", {})
     servable = ServableVAE(vae, score_kind, metadata["score"]["samples"], peak_window=peak.get("window", PEAK_WINDOW),
-                           peak_share=peak.get("share", PEAK_SHARE), segmenter_width=width)
+                           peak_share=peak.get("share", PEAK_SHARE), segmenter_width=segmenter.get("width", WIDTH),
+                           segmenter_levels=segmenter.get("levels", LEVELS))
     servable.load_trained(module.state_dict())
     return servable.eval()
 
@@ -90,9 +91,10 @@ def segmenter_steps_or_default(steps: int | None) -> int:
 
 
 def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits: Callable[[], Splits],
-                     kind: str, steps: int | None, progress: bool = True) -> int:
-    """Train a fresh defect segmenter on the artifact's own training split, for `steps` batches
-    (None: the conv default), from the training seed. Returns the steps trained."""
+                     kind: str, steps: int | None, progress: bool = True, levels: int | None = None) -> int:
+    """Train a fresh defect segmenter of `levels` (None: as many as the artifact's) on the
+    artifact's own training split, for `steps` batches (None: the conv default), from the training
+    seed. Returns the steps trained."""
     steps = segmenter_steps_or_default(steps)
     if steps <= 0:
         raise ValueError(f"--score {kind} needs the defect segmenter: --segmenter-steps must be above 0")
@@ -104,17 +106,19 @@ def train_or_explain(servable: ServableVAE, metadata: dict[str, Any], own_splits
     seed = metadata["training"]["config"].get("seed", 0)
     with torch.random.fork_rng():       # fresh weights from the seed, not from whatever ran before
         torch.manual_seed(seed)
-        servable.segmenter = DefectSegmenter(servable.vae.config.channels, servable.segmenter.width)
+        servable.segmenter = build_segmenter(servable.vae.config.channels, servable.segmenter.width,
+                                             levels or servable.segmenter.levels)
     fit_defect_segmenter(servable, splits, steps, seed, progress)
     return steps
 
 
 def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None, data: str | None = None,
               command: str = "", segmenter_steps: int | None = None, progress: bool = True,
-              retrain_segmenter: bool = False) -> dict[str, Any]:
+              retrain_segmenter: bool = False, segmenter_levels: int | None = None) -> dict[str, Any]:
     """Write the recalibrated artifact to `out` (default: over `path`) and return its metadata.
-    A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`);
-    `retrain_segmenter` replaces the one it has (the VAE and the local statistics stay)."""
+    A kind that needs the defect segmenter trains it if the artifact has none (`segmenter_steps`,
+    `segmenter_levels`); `retrain_segmenter` replaces the one it has (the VAE and the local
+    statistics stay)."""
     module, metadata = load_artifact(path)
     kind = score_kind or metadata["calibration"]["score_kind"]
     if kind not in SCORE_KINDS:
@@ -130,8 +134,12 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     if not servable.local_fitted:
         fit_or_explain(servable, metadata, own_splits, kind)
     trained = int(servable.segmenter_steps)
-    if kind in LEARNED_KINDS and (retrain_segmenter or not servable.segmenter_trained):
-        trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps, progress)
+    trains = kind in LEARNED_KINDS and (retrain_segmenter or not servable.segmenter_trained)
+    if segmenter_levels is not None and not trains:
+        raise ValueError("--segmenter-levels shapes a freshly trained segmenter, and this artifact keeps its "
+                         "own: add --retrain-segmenter (and --score fused or learned)")
+    if trains:
+        trained = train_or_explain(servable, metadata, own_splits, kind, segmenter_steps, progress, segmenter_levels)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     history = [*metadata.get("recalibrations", []), {
         "date": now, "command": command, "score_kind": kind, "images": len(images), "data": source}]
@@ -141,7 +149,8 @@ def calibrate(path: Path, out: Path | None = None, score_kind: str | None = None
     kept["score"] = {**metadata["score"], "peak": {"window": servable.peak_window, "share": servable.peak_share}}
     if servable.local_fitted:
         kept["score"]["local"] = local_settings(servable.vae.config)
-    kept["score"]["segmenter"] = segmenter_settings(trained, servable.vae.config, width=servable.segmenter.width)
+    kept["score"]["segmenter"] = segmenter_settings(trained, servable.vae.config, width=servable.segmenter.width,
+                                                    levels=servable.segmenter.levels)
     return export_artifact(servable, {**kept, "recalibrations": history}, images, out or path)
 
 

@@ -29,6 +29,7 @@ from .corruptions import Corruptor
 from .data import ImageSet, Splits, load_source, split_set
 from .local_density import windows_for
 from .scoring import LOCAL_SHARE, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, SCORE_UNITS, ServableVAE
+from .segmenter import LEVELS as SEGMENTER_LEVELS
 from .segmenter import WIDTH as SEGMENTER_WIDTH
 from .segmenter import batch_size_for
 
@@ -134,9 +135,12 @@ def local_settings(vae_config: Any) -> dict[str, Any]:
                          f"validation split (at most {LOCAL_HELD_OUT_IMAGES})"}
 
 
-def segmenter_settings(steps: int, vae_config: Any, width: int = SEGMENTER_WIDTH) -> dict[str, Any]:
-    """How the `learned` score's segmenter was trained, for a reader of the metadata (steps 0: not)."""
-    return {"steps": steps, "width": width, "batch_size": batch_size_for(vae_config.height, vae_config.width),
+def segmenter_settings(steps: int, vae_config: Any, width: int = SEGMENTER_WIDTH,
+                       levels: int = SEGMENTER_LEVELS) -> dict[str, Any]:
+    """How the `learned` score's segmenter was built and trained, for a reader of the metadata and
+    for `calibrate`, which rebuilds it (steps 0: not trained)."""
+    return {"steps": steps, "width": width, "levels": levels,
+            "batch_size": batch_size_for(vae_config.height, vae_config.width),
             "trained_on": f"synthetic corruptions (training.corruptions) of at most {SEGMENTER_FIT_IMAGES} "
                           "training-split images; none of the evaluation's defects"}
 

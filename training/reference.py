@@ -4,8 +4,8 @@ size gets when it is trained on the evaluation's own defects. Never shipped and 
 The unsupervised scores never see a defect of the evaluation. When one of them misses a target,
 the question is whether a better unsupervised idea would reach it, or whether a model of this size
 cannot see the defect at all (a blur on a flat area changes little; noise on a knitted sweater hides
-in the knit). The reference answers the second half: `training.segmenter.DefectSegmenter` at the
-artifact's width, read through the same pooling as `vae:learned` (the top 5% of its 5x5
+in the knit). The reference answers the second half: the artifact's own segmenter network (its width and
+levels, `training.segmenter`), read through the same pooling as `vae:learned` (the top 5% of its 5x5
 box-averaged probability map) and trained for as many steps as the artifact's own segmenter, with
 the focal loss, on batches half clean and half defective: every kind of the suite applied to the
 artifact's training images with a seed the evaluation's test never uses. So:
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .data import Splits
 from .defects import defective_set
 from .scoring import PEAK_SHARE, PEAK_WINDOW, box_average, top_mean
-from .segmenter import WIDTH, DefectSegmenter, batch_size_for, fit_segmenter
+from .segmenter import LEVELS, WIDTH, batch_size_for, build_segmenter, fit_segmenter
 
 NAME = "supervised reference"
 STEPS = 1500           # for an artifact without a segmenter: the conv recipe's own steps
@@ -49,15 +49,16 @@ class SupervisedReference:
         self.steps = steps or int(own.get("steps") or STEPS)
         self.seed, self.per_kind, self.progress = seed, per_kind, progress
         self.channels, self.width = metadata["input"]["channels"], own.get("width", WIDTH)
+        self.levels = int(own.get("levels", LEVELS))
         peak = metadata["score"].get("peak", {})        # `learned` pools as `peak` does
         self.share, self.box = float(peak.get("share", PEAK_SHARE)), int(peak.get("window", PEAK_WINDOW))
-        self.segmenter: DefectSegmenter | None = None          # by `fit`
+        self.segmenter: torch.nn.Module | None = None          # by `fit`
 
     def fit(self, splits: Splits) -> None:
         """Train on the training split (or load the weights a run with the same inputs cached)."""
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)              # the initial weights, without moving the caller's stream
-            self.segmenter = DefectSegmenter(self.channels, self.width)
+            self.segmenter = build_segmenter(self.channels, self.width, self.levels)
         path = self.cache / f"reference-{self._digest()}.pt"
         if path.exists():
             self.segmenter.load_state_dict(torch.load(path))
@@ -89,8 +90,10 @@ class SupervisedReference:
 
     def _digest(self) -> str:
         """What the trained weights depend on: the VAE's weights and this reference's settings."""
-        digest = hashlib.sha256(repr((self.kinds, self.seed, self.steps, self.per_kind, self.width,
-                                      self.share, self.box)).encode())
+        settings = (self.kinds, self.seed, self.steps, self.per_kind, self.width, self.share, self.box)
+        # a 2-level reference keeps the key it had before levels were recorded, so its cache still holds
+        settings += () if self.levels == LEVELS else (self.levels,)
+        digest = hashlib.sha256(repr(settings).encode())
         for name, tensor in sorted(self.module.state_dict().items()):
             if name.startswith("vae."):
                 digest.update(name.encode())

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .local_density import FEATURES, LocalDensity, windows_for
 from .model import VAE
-from .segmenter import WIDTH, DefectSegmenter, train_segmenter
+from .segmenter import LEVELS, WIDTH, build_segmenter, train_segmenter
 
 SCORE_KINDS = ("recon", "elbo", "iwae", "excess", "peak", "local", "combined", "learned", "fused")
 SCORE_UNITS = {"recon": "nats per image", "elbo": "nats per image", "iwae": "nats per image",
@@ -70,7 +70,7 @@ class ServableVAE(nn.Module):
 
     def __init__(self, vae: VAE, score_kind: str = "elbo", score_samples: int = 16, seed: int = 0,
                  peak_window: int = PEAK_WINDOW, peak_share: float = PEAK_SHARE,
-                 segmenter_width: int = WIDTH) -> None:
+                 segmenter_width: int = WIDTH, segmenter_levels: int = LEVELS) -> None:
         super().__init__()
         assert score_kind in SCORE_KINDS, f"score kind must be one of {SCORE_KINDS}, got {score_kind!r}"
         assert peak_window >= 1 and peak_window % 2 == 1, "peak_window must be odd and positive"
@@ -88,7 +88,7 @@ class ServableVAE(nn.Module):
         # how `combined` standardises (peak, local): median and 99th percentile minus median
         self.register_buffer("combined_center", torch.zeros(2))
         self.register_buffer("combined_scale", torch.ones(2))
-        self.segmenter = DefectSegmenter(vae.config.channels, segmenter_width)
+        self.segmenter = build_segmenter(vae.config.channels, segmenter_width, segmenter_levels)
         self.register_buffer("segmenter_steps", torch.zeros(()))          # 0 until trained
         # how `fused` standardises (peak, local, learned)
         self.register_buffer("fused_center", torch.zeros(3))

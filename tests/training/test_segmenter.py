@@ -19,6 +19,7 @@ from training.evaluate import TEXTURES
 from training.export import load_artifact, segmenter_self_check
 from training.model import VAEConfig, build_vae
 from training.scoring import ServableVAE
+from training.segmenter import build_segmenter
 
 SIDE = 16
 
@@ -157,3 +158,53 @@ def test_learned_kinds_without_a_segmenter_are_refused_clearly(digits_artifact: 
     module, _ = load_artifact(digits_artifact)
     with pytest.raises(torch.jit.Error, match="defect segmenter is not trained"):
         module.score_by(torch.rand(2, 1, 8, 8), "learned")
+
+
+def test_a_three_level_segmenter_reads_further_than_two_levels() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 64, 64)
+    poked = x.clone()
+    poked[0, 0, 32, 32] = 1.0 - poked[0, 0, 32, 32]
+    for levels, reaches in ((2, False), (3, True)):
+        segmenter = build_segmenter(1, levels=levels).eval()
+        assert segmenter.levels == levels
+        with torch.no_grad():
+            before, after = segmenter(x, x), segmenter(poked, x)
+        assert before.shape == (1, 1, 64, 64)
+        moved = (after - before)[0, 0].abs() > 0
+        assert moved[31:34, 31:34].any()                                    # both see next door
+        assert bool(moved[44:50, 29:36].any()) == reaches                   # 12 to 17 rows below
+        assert not moved[60:, :].any() and not moved[:4, :].any()           # neither sees 28 away
+
+
+@pytest.mark.parametrize(("channels", "side"), [(1, 8), (3, 13), (1, 64)])
+def test_a_three_level_segmenter_takes_any_size_and_scripts(channels: int, side: int) -> None:
+    segmenter = build_segmenter(channels, levels=3).eval()
+    x, recon = torch.rand(2, channels, side, side), torch.rand(2, channels, side, side)
+    with torch.no_grad():
+        logits = segmenter(x, recon)
+        torch.testing.assert_close(torch.jit.script(segmenter)(x, recon), logits)
+    assert logits.shape == (2, 1, side, side)
+
+
+def test_only_two_or_three_levels_exist() -> None:
+    with pytest.raises(ValueError, match="2 or 3 levels, not 4"):
+        build_segmenter(1, levels=4)
+
+
+def test_recalibration_trains_a_three_level_segmenter_and_keeps_it(digits_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deep.pt"
+    metadata = calibrate(digits_artifact, out, score_kind="fused", segmenter_steps=4, segmenter_levels=3,
+                         command="test")
+    assert metadata["score"]["segmenter"]["levels"] == 3
+    # recalibrating rebuilds a 3-level segmenter from the metadata, so the weights load and score alike
+    again = calibrate(out, tmp_path / "again.pt", score_kind="learned", command="test")
+    assert again["score"]["segmenter"]["levels"] == 3 and again["score"]["segmenter"]["steps"] == 4
+    images = torch.as_tensor(load_source("digits").images[:32])
+    with torch.no_grad():
+        torch.testing.assert_close(load_artifact(out)[0].score_by(images, "learned"),
+                                   load_artifact(tmp_path / "again.pt")[0].score(images))
+    with pytest.raises(ValueError, match="add --retrain-segmenter"):
+        calibrate(out, tmp_path / "x.pt", segmenter_levels=2, command="test")
+    back = calibrate(out, tmp_path / "back.pt", segmenter_steps=4, segmenter_levels=2, retrain_segmenter=True)
+    assert back["score"]["segmenter"]["levels"] == 2

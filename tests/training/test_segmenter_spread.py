@@ -26,6 +26,12 @@ def test_a_seed_trains_a_fresh_segmenter_and_leaves_the_vae_alone() -> None:
     assert first.segmenter_trained and int(first.segmenter_steps) == 3
 
 
+def test_levels_choose_the_fresh_segmenters_network() -> None:
+    subject = load_subject(Options(artifact=DIGITS, test_images=10))
+    assert retrained(subject, 1, steps=2, progress=False).segmenter.levels == 2
+    assert retrained(subject, 1, steps=2, progress=False, levels=3).segmenter.levels == 3
+
+
 def test_the_rows_give_each_run_then_the_range() -> None:
     figures = {"shipped": {"fused": {"blur": 0.6, "mean": 0.7}}, "seed 1": {"fused": {"blur": 0.9, "mean": 0.8}}}
     assert spread_rows(figures, "fused") == [["blur", "0.600", "0.900", "0.600", "0.900", "**0.300**"],
