@@ -4,6 +4,7 @@ Run from the repository root:
     .venv/bin/python -m benchmarks.segmenter_spread                      # models/fashion.pt
     .venv/bin/python -m benchmarks.segmenter_spread --texture brick      # make eval's brick model
     .venv/bin/python -m benchmarks.segmenter_spread --jobs 2 --threads 1 # two seeds at once, one core each
+    .venv/bin/python -m benchmarks.segmenter_spread --levels 3           # the deeper segmenter instead
 
 The segmenter (`training.segmenter`) is the one part of the default score trained from random
 numbers after the VAE: its initial weights, its stream of synthetic corruptions and its sample of
