@@ -40,20 +40,32 @@ PRIOR = 0.05             # about the share of defect pixels in a training batch
 BATCH_PIXELS = 64 * 28 * 28   # per training batch: 64 images of 28x28, 12 of 64x64
 
 
+def full_resolution_stage(channels: int, width: int) -> nn.Sequential:
+    """The first stage of either segmenter: image and reconstruction side by side, two 3x3 convs."""
+    return nn.Sequential(nn.Conv2d(2 * channels, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+
+
+def logit_head(width: int) -> nn.Sequential:
+    """The last stage of either segmenter: the full-resolution features and the upsampled coarse
+    ones (width each) to one defect logit per pixel."""
+    head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
+    # start at the prior of a defect pixel, not at p = 0.5: the first hundreds of steps would
+    # otherwise only learn that most pixels are clean (Lin et al., 2017, section 4.1)
+    nn.init.constant_(head[-1].bias, math.log(PRIOR / (1 - PRIOR)))
+    return head
+
+
 class DefectSegmenter(nn.Module):
     def __init__(self, channels: int, width: int = WIDTH) -> None:
         super().__init__()
         self.width = width
         self.levels = 2
-        self.full = nn.Sequential(nn.Conv2d(2 * channels, width, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.full = full_resolution_stage(channels, width)
         self.coarse = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
                                   nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
-        # start at the prior of a defect pixel, not at p = 0.5: the first hundreds of steps would
-        # otherwise only learn that most pixels are clean (Lin et al., 2017, section 4.1)
-        nn.init.constant_(self.head[-1].bias, math.log(PRIOR / (1 - PRIOR)))
+        self.head = logit_head(width)
 
     def forward(self, x: Tensor, recon: Tensor) -> Tensor:
         """Defect logits (B, 1, H, W) for images x and their reconstructions, both (B, C, H, W)."""
@@ -70,16 +82,14 @@ class DeepDefectSegmenter(nn.Module):
         super().__init__()
         self.width = width
         self.levels = 3
-        self.full = nn.Sequential(nn.Conv2d(2 * channels, width, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.full = full_resolution_stage(channels, width)
         self.half_res = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
                                       nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
         self.quarter_res = nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(),
                                          nn.Conv2d(4 * width, 4 * width, 3, padding=1), nn.ReLU(),
                                          nn.Conv2d(4 * width, 2 * width, 3, padding=1), nn.ReLU())
         self.join = nn.Sequential(nn.Conv2d(4 * width, width, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
-        nn.init.constant_(self.head[-1].bias, math.log(PRIOR / (1 - PRIOR)))     # as DefectSegmenter's
+        self.head = logit_head(width)
 
     def forward(self, x: Tensor, recon: Tensor) -> Tensor:
         """Defect logits (B, 1, H, W) for images x and their reconstructions, both (B, C, H, W)."""
