@@ -130,6 +130,7 @@ def run(options: Options, command: str) -> Path:
 
 
 def defective_sets(subject: Subject, defect_seed: int) -> dict[str, np.ndarray]:
+    """The subject's clean images with each defect kind, drawn as `make eval` draws them."""
     return {kind: defective_set(subject.clean, kind, defect_seed)[0] for kind in subject.kinds}
 
 

@@ -44,3 +44,19 @@ def test_the_reference_is_never_the_bold_best() -> None:
                NAME: {"blur": {"auroc": 0.95}}}
     table = metric_table(metrics, "auroc", list(metrics))
     assert "| blur | **0.800** | 0.600 | 0.950 |" in table
+
+
+def test_the_reference_builds_the_artifacts_own_levels_and_keys_them(digits_artifact: Path, tmp_path: Path) -> None:
+    module, metadata = load_artifact(digits_artifact)
+
+    def with_levels(levels: int | None) -> dict:
+        segmenter = {k: v for k, v in metadata["score"]["segmenter"].items() if k != "levels"}
+        segmenter |= {} if levels is None else {"levels": levels}
+        return {**metadata, "score": {**metadata["score"], "segmenter": segmenter}}
+
+    old, two, deep = (SupervisedReference(module, with_levels(levels), ["scratch"], tmp_path, steps=2, progress=False)
+                      for levels in (None, 2, 3))             # None: an artifact made before levels were recorded
+    assert (old.levels, two.levels, deep.levels) == (2, 2, 3)
+    assert deep._digest() not in (old._digest(), two._digest())     # other network, other cached weights
+    deep.fit(artifact_splits(metadata))
+    assert deep.segmenter is not None and deep.segmenter.levels == 3
