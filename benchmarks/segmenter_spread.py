@@ -45,6 +45,7 @@ from training.export import (
     fit_local_statistics,
     load_artifact,
     score_images,
+    segmenter_levels_of,
     segmenter_steps_of,
 )
 from training.plots import plt, save_figure
@@ -194,7 +195,7 @@ def spread_rows(figures: dict[str, dict[str, dict[str, float]]], kind: str) -> l
 def write_report(figures: dict[str, dict[str, dict[str, float]]], subject: Subject, steps: int, options: Options,
                  out: Path, command: str, seconds: float) -> Path:
     header = ["defect", *figures, "lowest", "highest", "range"]
-    own_levels = subject.metadata["score"].get("segmenter", {}).get("levels", 2)
+    own_levels = segmenter_levels_of(subject.metadata)
     levels = options.levels or own_levels
     lines = [
         f"# How far the segmenter's seed moves the scores ({subject.name})", "",

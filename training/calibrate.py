@@ -34,12 +34,13 @@ from .export import (
     fit_local_statistics,
     load_artifact,
     local_settings,
+    segmenter_levels_of,
     segmenter_settings,
     self_check_note,
 )
 from .model import VAEConfig, build_vae
 from .scoring import LEARNED_KINDS, LOCAL_KINDS, PEAK_SHARE, PEAK_WINDOW, SCORE_KINDS, ServableVAE
-from .segmenter import LEVELS, WIDTH, build_segmenter
+from .segmenter import WIDTH, build_segmenter
 
 
 def architecture_of(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def rebuild_servable(module: torch.jit.ScriptModule, metadata: dict[str, Any], s
     segmenter = metadata["score"].get("segmenter", {})
     servable = ServableVAE(vae, score_kind, metadata["score"]["samples"], peak_window=peak.get("window", PEAK_WINDOW),
                            peak_share=peak.get("share", PEAK_SHARE), segmenter_width=segmenter.get("width", WIDTH),
-                           segmenter_levels=segmenter.get("levels", LEVELS))
+                           segmenter_levels=segmenter_levels_of(metadata))
     servable.load_trained(module.state_dict())
     return servable.eval()
 

@@ -185,6 +185,11 @@ def segmenter_steps_of(metadata: dict[str, Any]) -> int:
     return int(metadata["score"].get("segmenter", {}).get("steps", 0))
 
 
+def segmenter_levels_of(metadata: dict[str, Any]) -> int:
+    """The levels of an artifact's defect segmenter: 2 for one made before they were recorded."""
+    return int(metadata["score"].get("segmenter", {}).get("levels", SEGMENTER_LEVELS))
+
+
 def export_artifact(servable: ServableVAE, metadata: dict[str, Any], calibration_images: np.ndarray,
                     path: Path) -> dict[str, Any]:
     """Script the servable, score the calibration images with the scripted module (exactly as

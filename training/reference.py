@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .data import Splits
 from .defects import defective_set
+from .export import segmenter_levels_of
 from .scoring import PEAK_SHARE, PEAK_WINDOW, box_average, top_mean
 from .segmenter import LEVELS, WIDTH, batch_size_for, build_segmenter, fit_segmenter
 
@@ -49,7 +50,7 @@ class SupervisedReference:
         self.steps = steps or int(own.get("steps") or STEPS)
         self.seed, self.per_kind, self.progress = seed, per_kind, progress
         self.channels, self.width = metadata["input"]["channels"], own.get("width", WIDTH)
-        self.levels = int(own.get("levels", LEVELS))
+        self.levels = segmenter_levels_of(metadata)
         peak = metadata["score"].get("peak", {})        # `learned` pools as `peak` does
         self.share, self.box = float(peak.get("share", PEAK_SHARE)), int(peak.get("window", PEAK_WINDOW))
         self.segmenter: torch.nn.Module | None = None          # by `fit`
