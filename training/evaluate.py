@@ -18,7 +18,8 @@ Suites:
   tested on the right 25% with the texture defects: three disjoint regions, so neither the threshold
   nor the test sees a pixel the model was trained on. Its defect segmenter is trained for
   --texture-segmenter-steps (6,000; the one-class conv models' for --novelty-segmenter-steps), four
-  times what training gives it, retrained on a cached copy when a cached training's count differs;
+  times what training gives it, at --texture-segmenter-levels (brick's 3, the others' 2), retrained on
+  a cached copy when a cached training's segmenter differs;
 - novelty: one class normal, the others anomalous (Ruff et al., 2018), per class and mean;
 - calibration: the false-positive rate on clean held-out images at the 1% threshold.
 
@@ -37,7 +38,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,12 +64,19 @@ from .config import AUTO_DEFAULTS, TrainConfig  # noqa: E402
 from .data import ImageSet, Splits, load_source  # noqa: E402
 from .defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set  # noqa: E402
 from .export import artifact_splits as split_of  # noqa: E402
-from .export import load_artifact, score_images, segmenter_self_check, segmenter_steps_of  # noqa: E402
+from .export import (  # noqa: E402
+    load_artifact,
+    score_images,
+    segmenter_levels_of,
+    segmenter_self_check,
+    segmenter_steps_of,
+)
 from .plots import save_figure  # noqa: E402
 from .reference import NAME as REFERENCE  # noqa: E402
 from .reference import SupervisedReference  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
 from .scoring import LEARNED_KINDS  # noqa: E402
+from .segmenter import LEVELS as SEGMENTER_LEVELS  # noqa: E402
 
 SUITES = ("defects", "textures", "novelty", "calibration")
 TEXTURES = ("brick", "grass", "gravel")
@@ -235,22 +243,25 @@ def with_current_scores(path: Path, cache: Path, kind: str | None = None, progre
     return upgraded
 
 
-def with_segmenter_steps(path: Path, cache: Path, steps: int | None, progress: bool = True) -> Path:
+def with_segmenter(path: Path, cache: Path, steps: int | None, levels: int = SEGMENTER_LEVELS,
+                   progress: bool = True) -> Path:
     """The artifact itself if its default kind does not read the defect segmenter or the segmenter
-    was trained for `steps` batches (None: as many as training gives a conv model); else a copy in
-    the cache whose segmenter was retrained for `steps` from the training seed (VAE, local
-    statistics and kind unchanged). Keyed on the steps the segmenter has, not on the training's
-    settings, so a changed default is never answered by a segmenter cached for another count."""
+    was trained for `steps` batches (None: as many as training gives a conv model) at `levels`;
+    else a copy in the cache whose segmenter was retrained so from the training seed (VAE, local
+    statistics and kind unchanged). Keyed on the segmenter the artifact has, not on the training's
+    settings, so a changed default is never answered by a segmenter cached for another."""
     steps = segmenter_steps_or_default(steps)
     _, metadata = load_artifact(path)
-    if metadata["calibration"]["score_kind"] not in LEARNED_KINDS or segmenter_steps_of(metadata) == steps:
+    if metadata["calibration"]["score_kind"] not in LEARNED_KINDS or (
+            segmenter_steps_of(metadata) == steps and segmenter_levels_of(metadata) == levels):
         return path
-    retrained = cache / f"{path.stem}-segmenter{steps}.pt"
+    # a 2-level copy keeps the name it had before levels could be chosen, so it stays cached
+    retrained = cache / f"{path.stem}-segmenter{steps}{'' if levels == SEGMENTER_LEVELS else f'-levels{levels}'}.pt"
     if not retrained.exists() or retrained.stat().st_mtime < path.stat().st_mtime:
         cache.mkdir(parents=True, exist_ok=True)
-        tqdm.write(f"retraining the defect segmenter of {path} for {steps} steps: {retrained}")
-        calibrate(path, retrained, command=f"training.evaluate: a {steps}-step segmenter", segmenter_steps=steps,
-                  progress=progress, retrain_segmenter=True)
+        tqdm.write(f"retraining the defect segmenter of {path} for {steps} steps at {levels} levels: {retrained}")
+        calibrate(path, retrained, command=f"training.evaluate: a {steps}-step {levels}-level segmenter",
+                  segmenter_steps=steps, progress=progress, retrain_segmenter=True, segmenter_levels=levels)
     return retrained
 
 
@@ -265,7 +276,7 @@ def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
 
     settings = config.to_dict()
     # not part of the key (as before the field existed, so older trainings stay cached): the
-    # segmenter's steps are checked on the trained artifact instead (`with_segmenter_steps`)
+    # segmenter's steps are checked on the trained artifact instead (`with_segmenter`)
     del settings["segmenter_steps"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = cache / f"{stem}-{digest}.pt"
@@ -337,7 +348,8 @@ def segmenter_check(module: torch.jit.ScriptModule, metadata: dict[str, Any],
         return None
     stored = metadata["score"]["segmenter"].get("self_check")
     matches = stored is not None and len(metadata["calibration"]["scores"]) == len(cal)
-    return {"steps": steps, **(stored if matches else segmenter_self_check(module, cal))}
+    return {"steps": steps, "levels": segmenter_levels_of(metadata),
+            **(stored if matches else segmenter_self_check(module, cal))}
 
 
 # ---- options ---------------------------------------------------------------------------------
@@ -360,6 +372,7 @@ class Options:
     novelty_epochs: int = 30           # Fashion-MNIST one-class trainings: the conv recipe's 30 (digits: MLP auto)
     novelty_max_images: int = 3000     # test images scored per one-class model (all classes)
     novelty_segmenter_steps: int | None = 6000     # of the one-class conv models' segmenters (None: training's)
+    novelty_segmenter_levels: int = SEGMENTER_LEVELS    # their resolutions (3 not yet tried on them)
     textures: tuple[str, ...] = TEXTURES
     texture_epochs: int = 100          # with early stopping (patience 15) on the validation patches
     texture_stride: int = 8            # pixels between patches, in every band
@@ -369,6 +382,11 @@ class Options:
     # where brick gained nothing more (README)
     texture_segmenter_steps: dict[str, int | None] = field(
         default_factory=lambda: {"brick": 6000, "grass": 12000, "gravel": 6000})
+    # a third (quarter-resolution) level took brick's fused 0.895 -> 0.921 and 0.884 -> 0.916 on two
+    # seeds; grass and gravel came out level (0.922 -> 0.926, 0.971 -> 0.969), so they keep the
+    # cheaper 2-level pass (README)
+    texture_segmenter_levels: dict[str, int] = field(
+        default_factory=lambda: {"brick": 3, "grass": SEGMENTER_LEVELS, "gravel": SEGMENTER_LEVELS})
     threads: int = 1                   # torch threads for the trainings: a second one is slower on a busy machine
     reference: bool = True             # train the supervised reference for the defect suites
     reference_steps: int | None = None     # None: as many as the artifact's own segmenter
@@ -386,6 +404,7 @@ class Options:
         self.textures = self.textures[:1]
         self.reference_steps, self.reference_per_kind = 40, 100
         self.texture_segmenter_steps, self.novelty_segmenter_steps = {}, None     # as trained
+        self.texture_segmenter_levels = {}
         return self
 
 
@@ -493,7 +512,8 @@ def texture_artifact(options: Options, name: str) -> tuple[Path, dict[str, np.nd
     # cached by older code stay valid
     kind = auto_kind(trained)
     path = with_current_scores(trained, options.cache, kind, options.progress)
-    path = with_segmenter_steps(path, options.cache, steps, options.progress)
+    levels = options.texture_segmenter_levels.get(name, SEGMENTER_LEVELS)
+    path = with_segmenter(path, options.cache, steps, levels, options.progress)
     calibrated = path.with_name(path.stem + "-calibrated.pt")
     calibrate(path, calibrated, score_kind=kind, data=str(files["cal"]),
               command="training.evaluate: the calibration band")
@@ -539,7 +559,8 @@ def novelty_suite(options: Options) -> dict[str, Any]:
                                  checkpoint_every=0, seed=options.seed, threads=options.threads, segmenter_steps=steps)
             trained = train_cached(config, options.cache, f"novelty-{data}-{k}")
             path = with_current_scores(trained, options.cache, auto_kind(trained), options.progress)   # the auto kind
-            path = with_segmenter_steps(path, options.cache, options.novelty_segmenter_steps, options.progress)
+            path = with_segmenter(path, options.cache, options.novelty_segmenter_steps,
+                                  options.novelty_segmenter_levels, options.progress)
             context = load_context(path, f"{data}:{k}", options)
             test = context.splits.test.subset(np.arange(min(len(context.splits.test), options.novelty_max_images)))
             scores = context.score(test.images)
@@ -651,7 +672,9 @@ def segmenter_sentence(segmenter: dict[str, Any] | None) -> str:
     """' Defect segmenter: ...' for a report, or '' when the artifact has none."""
     if not segmenter:
         return ""
-    return (f" Defect segmenter: {segmenter['steps']} steps, self-check AUROC {segmenter['auroc']:.3f} (`learned` on "
+    levels = segmenter.get("levels", SEGMENTER_LEVELS)      # results.json written before levels lacks it
+    return (f" Defect segmenter: {segmenter['steps']} steps at {levels} levels, self-check AUROC "
+            f"{segmenter['auroc']:.3f} (`learned` on "
             f"{segmenter['clean']} calibration images against {segmenter['corrupted']} copies with its own kind of "
             "corruption: no evaluation defect).")
 
@@ -877,14 +900,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--novelty-segmenter-steps", type=int, default=defaults.novelty_segmenter_steps,
                         help="train the one-class conv models' defect segmenters this long (retrained on a copy "
                         "when the cached training's differs; digits' MLP has none)")
+    parser.add_argument("--novelty-segmenter-levels", type=int, choices=(2, 3),
+                        default=defaults.novelty_segmenter_levels, help="their resolutions")
     parser.add_argument("--textures", default=",".join(TEXTURES), help="scikit-image textures")
     parser.add_argument("--texture-epochs", type=int, default=defaults.texture_epochs)
-    parser.add_argument("--texture-segmenter-steps", type=texture_steps, metavar="STEPS",
-                        default=defaults.texture_segmenter_steps,    # not a string: argparse leaves it as it is
+    parser.add_argument("--texture-segmenter-steps", metavar="STEPS", default=defaults.texture_segmenter_steps,
+                        type=per_texture("--texture-segmenter-steps", defaults.texture_segmenter_steps,
+                                         lambda n: n >= 1, "a positive count"),
                         help="train the texture models' defect segmenters this long: one count for all, or "
                         "per texture, e.g. grass=12000,brick=6000 (the others keep theirs); retrained on a copy "
                         "when the cached training's differs (default: "
                         + ",".join(f"{k}={v}" for k, v in defaults.texture_segmenter_steps.items()) + ")")
+    parser.add_argument("--texture-segmenter-levels", metavar="LEVELS", default=defaults.texture_segmenter_levels,
+                        type=per_texture("--texture-segmenter-levels", defaults.texture_segmenter_levels,
+                                         lambda n: n in (2, 3), "2 or 3"),
+                        help="the resolutions the texture models' segmenters work at, 2 or 3, for all or per "
+                        "texture as --texture-segmenter-steps (default: "
+                        + ",".join(f"{k}={v}" for k, v in defaults.texture_segmenter_levels.items()) + ")")
     parser.add_argument("--texture-stride", type=int, default=defaults.texture_stride,
                         help="step between training patches")
     parser.add_argument("--texture-likelihood", default=None, help="bernoulli or gaussian (default: training's)")
@@ -899,19 +931,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def texture_steps(text: str) -> dict[str, int | None]:
-    """--texture-segmenter-steps: '6000' sets every texture, 'grass=12000,brick=6000' those named
-    (the others keep the defaults)."""
-    steps = Options().texture_segmenter_steps
-    for part in text.split(","):
-        name, _, count = part.rpartition("=")
-        names = [name] if name else list(TEXTURES)
-        if name and name not in TEXTURES or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(
-                f"--texture-segmenter-steps: {part!r} is not a positive count or texture=count "
-                f"(textures: {', '.join(TEXTURES)})")
-        steps.update(dict.fromkeys(names, int(count)))
-    return steps
+def per_texture(flag: str, defaults: dict[str, int | None], valid: Callable[[int], bool],
+                what: str) -> Callable[[str], dict[str, int | None]]:
+    """An argparse type for `flag`: '6000' sets every texture, 'grass=12000,brick=6000' those named
+    (the others keep `defaults`); each value must pass `valid`."""
+    def parse(text: str) -> dict[str, int | None]:
+        values = dict(defaults)
+        for part in text.split(","):
+            name, _, count = part.rpartition("=")
+            names = [name] if name else list(TEXTURES)
+            if name and name not in TEXTURES or not count.isdigit() or not valid(int(count)):
+                raise argparse.ArgumentTypeError(
+                    f"{flag}: {part!r} must be {what} for every texture, or name=value for one "
+                    f"(textures: {', '.join(TEXTURES)})")
+            values.update(dict.fromkeys(names, int(count)))
+        return values
+    return parse
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -924,10 +959,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
         progress=not args.no_progress,
         novelty_data=tuple(args.novelty_data.split(",")), novelty_epochs=args.novelty_epochs,
         novelty_max_images=args.novelty_max_images, novelty_segmenter_steps=args.novelty_segmenter_steps,
+        novelty_segmenter_levels=args.novelty_segmenter_levels,
         novelty_classes=tuple(int(k) for k in args.novelty_classes.split(",")) if args.novelty_classes else None,
         textures=tuple(args.textures.split(",")), texture_epochs=args.texture_epochs,
         texture_stride=args.texture_stride, texture_overrides=overrides,
-        texture_segmenter_steps=args.texture_segmenter_steps, reference=not args.no_reference,
+        texture_segmenter_steps=args.texture_segmenter_steps, texture_segmenter_levels=args.texture_segmenter_levels,
+        reference=not args.no_reference,
         reference_steps=args.reference_steps)
 
 

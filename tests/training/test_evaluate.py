@@ -27,9 +27,9 @@ from training.evaluate import (
     segmenter_sentence,
     texture_patches,
     train_cached,
-    with_segmenter_steps,
+    with_segmenter,
 )
-from training.export import artifact_splits, load_artifact, segmenter_steps_of
+from training.export import artifact_splits, load_artifact, segmenter_levels_of, segmenter_steps_of
 from training.reference import NAME as REFERENCE
 
 
@@ -127,19 +127,27 @@ def test_texture_bands_are_disjoint() -> None:
     assert not any(p.tobytes() in seen for p in (*cal, *test))
 
 
-def test_a_cached_segmenter_of_other_steps_is_retrained_on_a_copy(digits_artifact: Path, tmp_path: Path) -> None:
+def test_a_cached_segmenter_of_other_steps_or_levels_is_retrained_on_a_copy(digits_artifact: Path,
+                                                                            tmp_path: Path) -> None:
     """The evaluation's trainings are cached by their settings, where the segmenter's steps are
-    often `auto`; the steps are checked on the artifact itself, so a changed count never reuses a
-    segmenter trained for another."""
-    assert with_segmenter_steps(digits_artifact, tmp_path, 6) == digits_artifact      # excess reads none
+    often `auto`; the steps and levels are checked on the artifact itself, so a changed count or
+    depth never reuses a segmenter trained for another."""
+    assert with_segmenter(digits_artifact, tmp_path, 6) == digits_artifact      # excess reads none
     fused = tmp_path / "fused.pt"
     calibrate(digits_artifact, fused, score_kind="fused", segmenter_steps=4, command="test")
-    assert with_segmenter_steps(fused, tmp_path, 4) == fused
-    retrained = with_segmenter_steps(fused, tmp_path, 6, progress=False)
-    assert retrained != fused and segmenter_steps_of(load_artifact(retrained)[1]) == 6
+    assert with_segmenter(fused, tmp_path, 4) == fused
+    retrained = with_segmenter(fused, tmp_path, 6, progress=False)
+    assert retrained.name == "fused-segmenter6.pt"          # the name it had before levels, so it stays cached
+    assert segmenter_steps_of(load_artifact(retrained)[1]) == 6
     assert segmenter_steps_of(load_artifact(fused)[1]) == 4                       # the source untouched
     written = retrained.stat().st_mtime_ns
-    assert with_segmenter_steps(fused, tmp_path, 6) == retrained and retrained.stat().st_mtime_ns == written
+    assert with_segmenter(fused, tmp_path, 6) == retrained and retrained.stat().st_mtime_ns == written
+    deeper = with_segmenter(fused, tmp_path, 4, levels=3, progress=False)
+    assert deeper.name == "fused-segmenter4-levels3.pt"
+    assert segmenter_levels_of(load_artifact(deeper)[1]) == 3 and segmenter_steps_of(load_artifact(deeper)[1]) == 4
+    assert with_segmenter(deeper, tmp_path, 4, levels=3) == deeper
+    check = segmenter_check(*load_artifact(deeper), artifact_splits(load_artifact(deeper)[1]).cal.images)
+    assert "4 steps at 3 levels" in segmenter_sentence(check)
 
 
 def test_the_training_cache_is_keyed_without_the_segmenter_steps(tmp_path: Path) -> None:
@@ -162,26 +170,38 @@ def test_the_segmenter_check_is_the_artifacts_own_or_measured_on_the_images_scor
     module, metadata = load_artifact(fused)
     cal = artifact_splits(metadata).cal.images
     own = segmenter_check(module, metadata, cal)
-    assert own == {"steps": 4, **metadata["score"]["segmenter"]["self_check"]}
+    assert own == {"steps": 4, "levels": 2, **metadata["score"]["segmenter"]["self_check"]}
     fewer = segmenter_check(module, metadata, cal[:100])                # not what the artifact measured on
     assert fewer["steps"] == 4 and fewer["clean"] == 100 and 0.0 <= fewer["auroc"] <= 1.0
     assert segmenter_check(*load_artifact(digits_artifact), cal) is None
-    assert f"Defect segmenter: 4 steps, self-check AUROC {own['auroc']:.3f}" in segmenter_sentence(own)
+    assert own["levels"] == 2
+    assert f"Defect segmenter: 4 steps at 2 levels, self-check AUROC {own['auroc']:.3f}" in segmenter_sentence(own)
     assert segmenter_sentence(None) == ""
 
 
-def test_texture_segmenter_steps_are_set_for_all_or_per_texture(capsys: pytest.CaptureFixture[str]) -> None:
-    def steps(*argv: str) -> dict[str, int | None]:
-        return options_from_args(build_parser().parse_args(list(argv))).texture_segmenter_steps
+def test_texture_segmenter_steps_and_levels_are_set_for_all_or_per_texture(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def options(*argv: str) -> Options:
+        return options_from_args(build_parser().parse_args(list(argv)))
 
     defaults = Options().texture_segmenter_steps
-    assert set(defaults) == set(TEXTURES) and steps() == defaults
-    assert steps("--texture-segmenter-steps", "3000") == dict.fromkeys(TEXTURES, 3000)
-    assert steps("--texture-segmenter-steps", "grass=500") == {**defaults, "grass": 500}
-    for bad in ("moss=100", "grass=many", "0", "grass=-5"):
+    assert set(defaults) == set(TEXTURES) and options().texture_segmenter_steps == defaults
+    assert options("--texture-segmenter-steps", "3000").texture_segmenter_steps == dict.fromkeys(TEXTURES, 3000)
+    assert options("--texture-segmenter-steps", "grass=500").texture_segmenter_steps == {**defaults, "grass": 500}
+    levels = Options().texture_segmenter_levels
+    assert set(levels) == set(TEXTURES) and options().texture_segmenter_levels == levels
+    assert options("--texture-segmenter-levels", "2").texture_segmenter_levels == dict.fromkeys(TEXTURES, 2)
+    assert options("--texture-segmenter-levels", "gravel=3").texture_segmenter_levels == {**levels, "gravel": 3}
+    assert options("--novelty-segmenter-levels", "3").novelty_segmenter_levels == 3
+    for flag, bad, message in [*(("--texture-segmenter-steps", b, "must be a positive count for every texture")
+                                 for b in ("moss=100", "grass=many", "0", "grass=-5")),
+                               *(("--texture-segmenter-levels", b, "must be 2 or 3 for every texture")
+                                 for b in ("4", "brick=1", "moss=3"))]:
         with pytest.raises(SystemExit):
-            steps("--texture-segmenter-steps", bad)
-        assert "is not a positive count or texture=count" in capsys.readouterr().err
+            options(flag, bad)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        options("--novelty-segmenter-levels", "4")
 
 
 def test_a_kind_where_anchor_and_default_are_both_perfect_counts_as_met_and_says_so() -> None:
