@@ -281,7 +281,8 @@ def finish(vae: VAE, config: TrainConfig, splits: Splits, data: ImageSet, histor
            best_epoch: int, seconds: float, command: str | None) -> dict[str, Any]:
     """Test metrics, the artifact with its calibration, and the plots."""
     out = Path(config.out)
-    servable = ServableVAE(vae, config.score, config.score_samples, config.seed).eval()
+    servable = ServableVAE(vae, config.score, config.score_samples, config.seed,
+                           segmenter_levels=config.segmenter_levels).eval()
     fit_local_statistics(servable, splits, config.seed)
     if config.segmenter_steps:
         fit_defect_segmenter(servable, splits, config.segmenter_steps, config.seed, progress=not config.quiet)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import quick_config
+from training.calibrate import calibrate
 from training.export import load_artifact
 from training.train import checkpoint_path, train
 
@@ -52,6 +53,21 @@ def test_conv_vae_on_an_rgb_folder(tmp_path: Path, likelihood: str) -> None:
     assert metadata["input"] == {**metadata["input"], "channels": 3, "height": 28, "width": 28}
     assert metadata["likelihood"] == likelihood
     assert np.isfinite(metadata["metrics"]["test_elbo"])
+
+
+def test_training_can_give_the_segmenter_three_levels(tmp_path: Path) -> None:
+    """`--segmenter-levels 3` trains the deeper segmenter, records it, and the artifact serves and
+    recalibrates as one (its quarter-resolution weights travel in the TorchScript module)."""
+    metadata = train(quick_config(tmp_path, arch="conv", max_images=400, epochs=1, segmenter_steps=3,
+                                  segmenter_levels=3))
+    assert metadata["score"]["segmenter"]["levels"] == 3 and metadata["score"]["kind"] == "fused"
+    module, stored = load_artifact(tmp_path / "model.pt")
+    assert any(name.startswith("segmenter.quarter_res") for name in module.state_dict())
+    again = calibrate(tmp_path / "model.pt", tmp_path / "again.pt", command="test")
+    assert again["score"]["segmenter"]["levels"] == 3
+    assert np.allclose(again["calibration"]["scores"], stored["calibration"]["scores"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="--segmenter-levels must be 2 or 3"):
+        train(quick_config(tmp_path, segmenter_levels=4))
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path: Path) -> None:
