@@ -372,7 +372,7 @@ class Options:
     novelty_epochs: int = 30           # Fashion-MNIST one-class trainings: the conv recipe's 30 (digits: MLP auto)
     novelty_max_images: int = 3000     # test images scored per one-class model (all classes)
     novelty_segmenter_steps: int | None = 6000     # of the one-class conv models' segmenters (None: training's)
-    novelty_segmenter_levels: int = SEGMENTER_LEVELS    # their resolutions (3 not yet tried on them)
+    novelty_segmenter_levels: int = SEGMENTER_LEVELS    # their resolutions (3 was level on two classes)
     textures: tuple[str, ...] = TEXTURES
     texture_epochs: int = 100          # with early stopping (patience 15) on the validation patches
     texture_stride: int = 8            # pixels between patches, in every band

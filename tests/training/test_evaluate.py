@@ -151,14 +151,16 @@ def test_a_cached_segmenter_of_other_steps_or_levels_is_retrained_on_a_copy(digi
 
 
 def test_the_training_cache_is_keyed_without_the_segmenter_steps(tmp_path: Path) -> None:
-    """Which segmenter a cached training has is `with_segmenter_steps`' business: asking for other
-    steps reuses the cached VAE rather than training it again."""
+    """Which segmenter a cached training has is `with_segmenter`'s business: asking for other steps
+    or levels reuses the cached VAE rather than training it again."""
     config = quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=3)
     first = train_cached(config, tmp_path / "cache", "tiny")
     written = first.stat().st_mtime_ns
     again = train_cached(quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=5),
                          tmp_path / "cache", "tiny")
     assert again == first and first.stat().st_mtime_ns == written
+    deeper = quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=3, segmenter_levels=3)
+    assert train_cached(deeper, tmp_path / "cache", "tiny") == first and first.stat().st_mtime_ns == written
     assert train_cached(quick_config(tmp_path, data="digits", epochs=2, score="fused", segmenter_steps=3),
                         tmp_path / "cache", "tiny") != first          # the VAE's own settings still count
 
@@ -174,7 +176,6 @@ def test_the_segmenter_check_is_the_artifacts_own_or_measured_on_the_images_scor
     fewer = segmenter_check(module, metadata, cal[:100])                # not what the artifact measured on
     assert fewer["steps"] == 4 and fewer["clean"] == 100 and 0.0 <= fewer["auroc"] <= 1.0
     assert segmenter_check(*load_artifact(digits_artifact), cal) is None
-    assert own["levels"] == 2
     assert f"Defect segmenter: 4 steps at 2 levels, self-check AUROC {own['auroc']:.3f}" in segmenter_sentence(own)
     assert segmenter_sentence(None) == ""
 
