@@ -50,7 +50,7 @@ from training.export import (
 )
 from training.plots import plt, save_figure
 from training.scoring import ServableVAE
-from training.segmenter import build_segmenter
+from training.segmenter import LEVEL_CHOICES, build_segmenter
 
 KINDS = ("learned", "fused")
 
@@ -239,7 +239,7 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--texture", choices=TEXTURES, default=None, help="make eval's texture model instead")
     parser.add_argument("--seeds", default=",".join(map(str, defaults.seeds)), help="comma-separated integers")
     parser.add_argument("--steps", type=int, default=None, help="segmenter steps (default: the artifact's own)")
-    parser.add_argument("--levels", type=int, choices=(2, 3), default=None,
+    parser.add_argument("--levels", type=int, choices=LEVEL_CHOICES, default=None,
                         help="the fresh segmenters' levels (default: the artifact's own)")
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
     parser.add_argument("--cache", type=Path, default=defaults.cache, help="make eval's artifact cache")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .scoring import SCORE_KINDS
+from .segmenter import LEVEL_CHOICES
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--segmenter-steps", type=int, default=None, metavar="STEPS",
                            help="batches to train the defect segmenter for, when --score learned or fused "
                            "needs one the artifact lacks or --retrain-segmenter (default: 1500)")
-    calibrate.add_argument("--segmenter-levels", type=int, default=None, choices=(2, 3),
+    calibrate.add_argument("--segmenter-levels", type=int, default=None, choices=LEVEL_CHOICES,
                            help="resolutions a freshly trained defect segmenter works at: 2 (full and half), or "
                            "3, which adds a quarter and learns more per step (default: the artifact's, else 2)")
     calibrate.add_argument("--retrain-segmenter", action="store_true",

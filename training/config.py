@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .scoring import LEARNED_KINDS, SCORE_KINDS
+from .segmenter import LEVEL_CHOICES, LEVELS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -58,7 +59,7 @@ class TrainConfig:
     score_samples: int = _opt(16, "fixed latent samples the elbo/iwae scores average over")
     segmenter_steps: int | None = _opt(None, "batches the defect segmenter of the learned and fused scores "
                                              "trains for (0: none; auto: 0 mlp, 1500 conv)")
-    segmenter_levels: int = _opt(2, "resolutions the defect segmenter works at: 2 (full and half) or 3, which "
+    segmenter_levels: int = _opt(LEVELS, "resolutions the defect segmenter works at: 2 (full and half) or 3, which "
                                     "adds a quarter, reads further around each pixel and learns more per step "
                                     "(a pass costs 1.3-1.6 times as much)")
     checkpoint_every: int = _opt(1, "write a checkpoint every N epochs (0: never)")
@@ -134,7 +135,7 @@ def validate(config: TrainConfig) -> None:
         (config.lr > 0, "--lr must be > 0"),
         (config.score_samples >= 1, "--score-samples must be >= 1"),
         (config.segmenter_steps is None or config.segmenter_steps >= 0, "--segmenter-steps must be >= 0"),
-        (config.segmenter_levels in (2, 3), "--segmenter-levels must be 2 or 3"),
+        (config.segmenter_levels in LEVEL_CHOICES, "--segmenter-levels must be 2 or 3"),
         (config.score not in LEARNED_KINDS or config.segmenter_steps != 0,
          f"--score {config.score} needs the defect segmenter: leave --segmenter-steps auto or above 0"),
         (min(config.val_fraction, config.cal_fraction, config.test_fraction) > 0

@@ -76,6 +76,7 @@ from .reference import NAME as REFERENCE  # noqa: E402
 from .reference import SupervisedReference  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
 from .scoring import LEARNED_KINDS  # noqa: E402
+from .segmenter import LEVEL_CHOICES  # noqa: E402
 from .segmenter import LEVELS as SEGMENTER_LEVELS  # noqa: E402
 
 SUITES = ("defects", "textures", "novelty", "calibration")
@@ -672,8 +673,7 @@ def segmenter_sentence(segmenter: dict[str, Any] | None) -> str:
     """' Defect segmenter: ...' for a report, or '' when the artifact has none."""
     if not segmenter:
         return ""
-    levels = segmenter.get("levels", SEGMENTER_LEVELS)      # results.json written before levels lacks it
-    return (f" Defect segmenter: {segmenter['steps']} steps at {levels} levels, self-check AUROC "
+    return (f" Defect segmenter: {segmenter['steps']} steps at {segmenter['levels']} levels, self-check AUROC "
             f"{segmenter['auroc']:.3f} (`learned` on "
             f"{segmenter['clean']} calibration images against {segmenter['corrupted']} copies with its own kind of "
             "corruption: no evaluation defect).")
@@ -900,7 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--novelty-segmenter-steps", type=int, default=defaults.novelty_segmenter_steps,
                         help="train the one-class conv models' defect segmenters this long (retrained on a copy "
                         "when the cached training's differs; digits' MLP has none)")
-    parser.add_argument("--novelty-segmenter-levels", type=int, choices=(2, 3),
+    parser.add_argument("--novelty-segmenter-levels", type=int, choices=LEVEL_CHOICES,
                         default=defaults.novelty_segmenter_levels, help="their resolutions")
     parser.add_argument("--textures", default=",".join(TEXTURES), help="scikit-image textures")
     parser.add_argument("--texture-epochs", type=int, default=defaults.texture_epochs)
@@ -913,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ",".join(f"{k}={v}" for k, v in defaults.texture_segmenter_steps.items()) + ")")
     parser.add_argument("--texture-segmenter-levels", metavar="LEVELS", default=defaults.texture_segmenter_levels,
                         type=per_texture("--texture-segmenter-levels", defaults.texture_segmenter_levels,
-                                         lambda n: n in (2, 3), "2 or 3"),
+                                         lambda n: n in LEVEL_CHOICES, "2 or 3"),
                         help="the resolutions the texture models' segmenters work at, 2 or 3, for all or per "
                         "texture as --texture-segmenter-steps (default: "
                         + ",".join(f"{k}={v}" for k, v in defaults.texture_segmenter_levels.items()) + ")")

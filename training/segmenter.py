@@ -35,6 +35,7 @@ from .corruptions import BANK_SIZE, Corruptor
 
 WIDTH = 16               # channels at full resolution; twice that at half
 LEVELS = 2               # resolutions the segmenter works at (3: DeepDefectSegmenter)
+LEVEL_CHOICES = (2, 3)   # every depth build_segmenter makes
 FOCAL_GAMMA = 2.0
 PRIOR = 0.05             # about the share of defect pixels in a training batch
 BATCH_PIXELS = 64 * 28 * 28   # per training batch: 64 images of 28x28, 12 of 64x64
@@ -103,7 +104,7 @@ class DeepDefectSegmenter(nn.Module):
 
 def build_segmenter(channels: int, width: int = WIDTH, levels: int = LEVELS) -> nn.Module:
     """A fresh segmenter of 2 or 3 levels; its weights start from torch's current random state."""
-    if levels not in (2, 3):
+    if levels not in LEVEL_CHOICES:
         raise ValueError(f"a defect segmenter has 2 or 3 levels, not {levels}")
     return DefectSegmenter(channels, width) if levels == 2 else DeepDefectSegmenter(channels, width)
 

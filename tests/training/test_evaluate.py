@@ -150,7 +150,7 @@ def test_a_cached_segmenter_of_other_steps_or_levels_is_retrained_on_a_copy(digi
     assert "4 steps at 3 levels" in segmenter_sentence(check)
 
 
-def test_the_training_cache_is_keyed_without_the_segmenter_steps(tmp_path: Path) -> None:
+def test_the_training_cache_is_keyed_without_the_segmenter_steps_or_levels(tmp_path: Path) -> None:
     """Which segmenter a cached training has is `with_segmenter`'s business: asking for other steps
     or levels reuses the cached VAE rather than training it again."""
     config = quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=3)
