@@ -41,6 +41,9 @@ class TrainConfig:
     # ---- objective ------------------------------------------------------------------------
     beta: float = _opt(1.0, "weight of the KL term")
     warmup_epochs: int = _opt(0, "epochs over which the KL weight rises linearly from 0 to beta")
+    denoise: bool = _opt(False, "train the encoder on copies with synthetic corruptions (training.corruptions) "
+                                "and the decoder to give back the clean image, so a defect is reconstructed "
+                                "away rather than copied (a denoising VAE)")
     # ---- optimisation ---------------------------------------------------------------------
     epochs: int | None = _opt(None, "epochs (auto: 201 mlp as the seed, 30 conv)")
     batch_size: int | None = _opt(None, "global batch size, split across processes (auto: 32 mlp, 64 conv)")

@@ -279,6 +279,8 @@ def train_cached(config: TrainConfig, cache: Path, stem: str) -> Path:
     # not part of the key (as before the field existed, so older trainings stay cached): the
     # segmenter's steps and levels are checked on the trained artifact instead (`with_segmenter`)
     del settings["segmenter_steps"], settings["segmenter_levels"]
+    if not settings["denoise"]:          # nor is denoising while it is off, for the same reason
+        del settings["denoise"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = cache / f"{stem}-{digest}.pt"
     if not out.exists():

@@ -82,11 +82,12 @@ class VAE(nn.Module):
         """KL(q(z | x) || N(0, I)) per image, closed form (Kingma & Welling, appendix B)."""
         return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=1)
 
-    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-        """One-sample loss terms per image: reconstruction -log p(x | z) and KL, each (B,)."""
+    def forward(self, x: Tensor, eps: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One-sample loss terms per image: reconstruction -log p(target | z) with z drawn from
+        q(z | x), and KL, each (B,). The target is x itself unless given (a denoising step)."""
         mu, log_var = self.encode(x)
         logits = self.decode_logits(self.reparameterize(mu, log_var, eps))
-        rec = self.pixel_nll(x, logits).flatten(1).sum(1)
+        rec = self.pixel_nll(x if target is None else target, logits).flatten(1).sum(1)
         return rec, self.kl(mu, log_var)
 
 

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import TrainConfig, resolve, validate
+from .corruptions import Corruptor
 from .data import ImageSet, Splits, load_source, split_set
 from .export import (
     build_metadata,
@@ -40,6 +41,8 @@ from .export import (
 from .model import VAE, VAEConfig, build_vae
 from .report import report_dir, write_report
 from .scoring import ServableVAE
+
+DENOISE_SEED = 2_000_003        # the denoising corruptions' stream, apart from every other corruptor's
 
 EVAL_BATCH = 1024
 IWAE_SAMPLES = 128          # importance samples for the test log-likelihood estimate
@@ -99,8 +102,10 @@ def kl_weight(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                config: TrainConfig, epoch: int, dist: Distributed, progress: bool) -> dict[str, float]:
-    """One pass over the training images; returns the mean rec, KL and total per image."""
+                config: TrainConfig, epoch: int, dist: Distributed, progress: bool,
+                corruptor: Corruptor | None = None) -> dict[str, float]:
+    """One pass over the training images; returns the mean rec, KL and total per image. With a
+    corruptor the encoder sees corrupted copies and rec is measured against the clean images."""
     device = images.device
     order = torch.randperm(len(images), generator=generator(torch.device("cpu"), config.seed, epoch))
     noise = generator(device, config.seed, epoch, dist.rank, 1)
@@ -112,7 +117,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
         index = order[step * config.batch_size:(step + 1) * config.batch_size][dist.rank::dist.world_size]
         x = images[index.to(device)]
         eps = torch.randn(len(x), config.latent_dim, generator=noise, device=device)
-        rec, kl = model(x, eps)                                 # (b,) each
+        if corruptor is None:
+            rec, kl = model(x, eps)                             # (b,) each
+        else:                                                   # denoising: encode a corrupted copy, score x
+            rec, kl = model(corruptor(x.cpu())[0].to(device), eps, x)
         loss = (rec + kl_weight(config, epoch, step, steps) * kl).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,6 +223,9 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
     train_images = torch.as_tensor(splits.train.images, device=device)
     val_images = torch.as_tensor(splits.val.images, device=device)
 
+    # its own seed: the segmenter's corruptions (seed) and the self-check's are other streams
+    corruptor = (Corruptor(*train_images.shape[1:], seed=DENOISE_SEED + config.seed * 101 + dist.rank)
+                 if config.denoise else None)
     history: list[dict[str, float]] = []
     best = {"val": float("inf"), "epoch": -1, "bad_epochs": 0, "state": None}
     start_epoch, seconds_before = 0, 0.0
@@ -224,13 +235,15 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         seconds_before = state["seconds"]
+        if corruptor is not None and dist.master:     # rank 0 saved only its own stream
+            corruptor.generator.set_state(state["corruptor"])
         log(f"resumed from {checkpoint_path(out)} at epoch {start_epoch}")
 
     log_every = max(1, config.epochs // 10) if config.epochs > 50 else 1   # the seed logs every 20 of 201
     bar = tqdm(range(start_epoch, config.epochs), disable=config.quiet or not dist.master,
                desc="training", unit="epoch")
     for epoch in bar:
-        trained = train_epoch(model, optimizer, train_images, config, epoch, dist, not config.quiet)
+        trained = train_epoch(model, optimizer, train_images, config, epoch, dist, not config.quiet, corruptor)
         validated = evaluate(vae, val_images, config.seed, dist)
         history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in trained.items()},
                         **{f"val_{k}": v for k, v in validated.items()}})
@@ -244,7 +257,8 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
             save_checkpoint(checkpoint_path(out), {
                 "config": config.to_dict(), "epoch": epoch + 1, "model": vae.state_dict(),
                 "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                "seconds": seconds_before + time.perf_counter() - started})
+                "seconds": seconds_before + time.perf_counter() - started,
+                "corruptor": None if corruptor is None else corruptor.generator.get_state()})
         if stop:
             log(f"early stop: validation -ELBO has not improved for {config.patience} epochs")
             break

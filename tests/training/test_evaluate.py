@@ -163,6 +163,8 @@ def test_the_training_cache_is_keyed_without_the_segmenter_steps_or_levels(tmp_p
     assert train_cached(deeper, tmp_path / "cache", "tiny") == first and first.stat().st_mtime_ns == written
     assert train_cached(quick_config(tmp_path, data="digits", epochs=2, score="fused", segmenter_steps=3),
                         tmp_path / "cache", "tiny") != first          # the VAE's own settings still count
+    assert train_cached(quick_config(tmp_path, data="digits", epochs=1, score="fused", segmenter_steps=3,
+                                     denoise=True), tmp_path / "cache", "tiny") != first
 
 
 def test_the_segmenter_check_is_the_artifacts_own_or_measured_on_the_images_scored(digits_artifact: Path,

@@ -14,8 +14,11 @@ import torch
 
 from tests.conftest import quick_config
 from training.calibrate import calibrate
+from training.config import TrainConfig
+from training.corruptions import Corruptor
 from training.export import load_artifact
-from training.train import checkpoint_path, train
+from training.model import VAEConfig, build_vae
+from training.train import Distributed, checkpoint_path, train, train_epoch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,11 +94,12 @@ def test_same_seed_repeats_bit_for_bit(tmp_path: Path) -> None:
     assert a["calibration"]["scores"] == b["calibration"]["scores"]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    straight = train(quick_config(tmp_path / "straight", epochs=4, checkpoint_every=1))
-    train(quick_config(tmp_path / "resumed", epochs=2, checkpoint_every=1))
+@pytest.mark.parametrize("denoise", [False, True])
+def test_resume_continues_exactly(tmp_path: Path, denoise: bool) -> None:
+    straight = train(quick_config(tmp_path / "straight", epochs=4, checkpoint_every=1, denoise=denoise))
+    train(quick_config(tmp_path / "resumed", epochs=2, checkpoint_every=1, denoise=denoise))
     assert checkpoint_path(tmp_path / "resumed" / "model.pt").exists()
-    resumed = train(quick_config(tmp_path / "resumed", epochs=4, checkpoint_every=1, resume=True))
+    resumed = train(quick_config(tmp_path / "resumed", epochs=4, checkpoint_every=1, resume=True, denoise=denoise))
     assert resumed["history"] == straight["history"]
     ws, wr = weights_of(tmp_path / "straight" / "model.pt"), weights_of(tmp_path / "resumed" / "model.pt")
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
@@ -113,6 +117,56 @@ def test_kl_warmup_and_beta_change_the_objective_not_the_logged_elbo(tmp_path: P
     assert plain["history"] != warm["history"]
     h = warm["history"][-1]
     assert h["val_total"] == pytest.approx(h["val_rec"] + h["val_kl"])
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for the VAE in a training step and records what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, target: torch.Tensor | None = None):
+        self.calls.append((x.clone(), None if target is None else target.clone()))
+        loss = self.weight * x.mean((1, 2, 3))
+        return loss, loss
+
+
+@pytest.mark.parametrize("denoise", [False, True])
+def test_denoising_shows_the_encoder_corrupted_copies_and_scores_the_clean_images(denoise: bool) -> None:
+    images = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = RecordingModel()
+    config = TrainConfig(batch_size=16, latent_dim=2, denoise=denoise)
+    corruptor = Corruptor(1, 16, 16, seed=0, bank_size=32) if denoise else None
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), images, config, 0, Distributed(), False, corruptor)
+    assert len(model.calls) == 4
+    rows = {tuple(image.flatten().tolist()) for image in images}
+    changed = 0
+    for x, target in model.calls:
+        if not denoise:
+            assert target is None
+            continue
+        assert {tuple(image.flatten().tolist()) for image in target} <= rows     # the clean training images
+        differs = (x - target).abs().flatten(1).amax(1) > 0.02
+        changed += int(differs.sum())
+    if denoise:
+        assert 16 <= changed < 64           # most copies corrupted, some left clean (as the segmenter's are)
+
+
+def test_the_vae_scores_its_reconstruction_against_the_target_it_is_given() -> None:
+    torch.manual_seed(0)
+    vae = build_vae(VAEConfig(arch="mlp", channels=1, height=8, width=8, latent_dim=2, hidden=(8,),
+                              conv_channels=(), likelihood="bernoulli"))
+    x, clean, eps = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.randn(4, 2)
+    rec_self, kl_self = vae(x, eps)
+    rec_clean, kl_clean = vae(x, eps, clean)
+    mu, log_var = vae.encode(x)                           # z drawn from q(z | x) either way
+    logits = vae.decode_logits(vae.reparameterize(mu, log_var, eps))
+    assert torch.equal(kl_self, kl_clean)
+    assert torch.allclose(rec_self, vae.pixel_nll(x, logits).flatten(1).sum(1))
+    assert torch.allclose(rec_clean, vae.pixel_nll(clean, logits).flatten(1).sum(1))
+    assert not torch.allclose(rec_self, rec_clean)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
