@@ -49,8 +49,10 @@ def test_conv_vae_on_an_rgb_folder(tmp_path: Path, likelihood: str) -> None:
     for i in range(60):
         pixels = (rng.random((28, 28, 3)) * 60 + 100).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
+    denoise = likelihood == "gaussian"          # denoising on RGB with the other likelihood, end to end
     metadata = train(quick_config(tmp_path, data=str(folder), likelihood=likelihood, epochs=2, batch_size=16,
-                                  segmenter_steps=3))
+                                  segmenter_steps=3, denoise=denoise))
+    assert metadata["training"]["config"]["denoise"] is denoise
     assert metadata["architecture"]["arch"] == "conv" and metadata["score"]["kind"] == "fused"
     assert metadata["score"]["segmenter"] == {**metadata["score"]["segmenter"], "steps": 3, "batch_size": 64}
     assert metadata["input"] == {**metadata["input"], "channels": 3, "height": 28, "width": 28}
