@@ -179,6 +179,26 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
+def stream_states(corruptor: Corruptor, dist: Distributed) -> list[torch.Tensor]:
+    """Every rank's denoising-corruption generator state, in rank order (a collective call under
+    torchrun: every rank must make it), so a resumed run draws what a straight one would."""
+    state = corruptor.generator.get_state()
+    if dist.world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_stream(corruptor: Corruptor, saved: list[torch.Tensor] | torch.Tensor, dist: Distributed) -> None:
+    """Set this rank's corruption stream from a checkpoint's `stream_states` (or the single state
+    checkpoints held before). A rank the checkpoint has no state for (more processes than the
+    saved run) starts its stream afresh."""
+    states = [saved] if isinstance(saved, torch.Tensor) else saved
+    if dist.rank < len(states):
+        corruptor.generator.set_state(states[dist.rank])
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def prepare(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, Splits, ImageSet]:
@@ -235,8 +255,8 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         seconds_before = state["seconds"]
-        if corruptor is not None and dist.master:     # rank 0 saved only its own stream
-            corruptor.generator.set_state(state["corruptor"])
+        if corruptor is not None:
+            restore_stream(corruptor, state["corruptor"], dist)
         log(f"resumed from {checkpoint_path(out)} at epoch {start_epoch}")
 
     log_every = max(1, config.epochs // 10) if config.epochs > 50 else 1   # the seed logs every 20 of 201
@@ -253,12 +273,13 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         if dist.master and (epoch % log_every == 0 or epoch + 1 == config.epochs or stop):
             tqdm.write(epoch_line(epoch, trained, validated))
         last = epoch + 1 == config.epochs or stop
-        if dist.master and config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or last):
-            save_checkpoint(checkpoint_path(out), {
-                "config": config.to_dict(), "epoch": epoch + 1, "model": vae.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": history, "best": best,
-                "seconds": seconds_before + time.perf_counter() - started,
-                "corruptor": None if corruptor is None else corruptor.generator.get_state()})
+        if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or last):
+            streams = None if corruptor is None else stream_states(corruptor, dist)   # every rank joins in
+            if dist.master:
+                save_checkpoint(checkpoint_path(out), {
+                    "config": config.to_dict(), "epoch": epoch + 1, "model": vae.state_dict(),
+                    "optimizer": optimizer.state_dict(), "history": history, "best": best,
+                    "seconds": seconds_before + time.perf_counter() - started, "corruptor": streams})
         if stop:
             log(f"early stop: validation -ELBO has not improved for {config.patience} epochs")
             break

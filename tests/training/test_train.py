@@ -204,3 +204,25 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     _, metadata = load_artifact(out)
     history = metadata["history"]
     assert len(history) == 3 and history[-1]["val_total"] < history[0]["val_total"]
+
+
+def test_torchrun_denoising_resume_continues_exactly(tmp_path: Path) -> None:
+    """Each rank draws its own corruptions; the checkpoint must carry every rank's stream, or a
+    resumed two-process run would differ from a straight one (rank 1 restarting its stream)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def run(out: Path, epochs: int, *extra: str) -> None:
+        done = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "training", "train", "--data", "digits",
+             "--out", str(out), "--epochs", str(epochs), "--denoise", "--checkpoint-every", "1", "--quiet",
+             "--no-report", "--threads", "1", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run(tmp_path / "straight.pt", 2)
+    run(tmp_path / "resumed.pt", 1)
+    run(tmp_path / "resumed.pt", 2, "--resume")
+    straight, resumed = weights_of(tmp_path / "straight.pt"), weights_of(tmp_path / "resumed.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    streams = torch.load(checkpoint_path(tmp_path / "resumed.pt"), weights_only=True)["corruptor"]
+    assert len(streams) == 2 and not torch.equal(streams[0], streams[1])
