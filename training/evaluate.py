@@ -75,6 +75,7 @@ from .plots import save_figure  # noqa: E402
 from .reference import NAME as REFERENCE  # noqa: E402
 from .reference import SupervisedReference  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
+from .report import machine  # noqa: E402
 from .scoring import LEARNED_KINDS  # noqa: E402
 from .segmenter import LEVEL_CHOICES  # noqa: E402
 from .segmenter import LEVELS as SEGMENTER_LEVELS  # noqa: E402
@@ -801,7 +802,8 @@ def write_report(results: dict[str, Any], options: Options, command: str) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Anomaly detection: the artifacts' scores against classical anchors", "",
              f"`{command}`, {results['started']}, {results['seconds']:.0f} s in all "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in results['suite_seconds'].items())}).", "",
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in results['suite_seconds'].items())}), "
+             f"on {results['machine']}.", "",
              "Scores: `vae:<kind>` are the artifact's TorchScript scores (the default kind through `module.score`, "
              "exactly as the service); anchors fit on the same training split: `PCA recon` (95% variance), "
              "`PCA KDE` (Gaussian kernel density on 16 whitened PCA components, bandwidth by 3-fold CV), "
@@ -857,7 +859,9 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}: expected some of {', '.join(SUITES)}")
     started = time.perf_counter()
-    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M"), "suite_seconds": {}}
+    # trainings come out differently on another CPU (README, "Run to run"), so the report says which
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M"), "suite_seconds": {},
+                               "machine": f"{machine()}, torch {torch.__version__}"}
     contexts: dict[str, Context] = {}
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():

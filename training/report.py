@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -50,6 +52,21 @@ SECTIONS = (
 
 def report_dir(out: Path) -> Path:
     return out.with_name(out.stem + "-report")
+
+
+def machine() -> str:
+    """The CPU model, cores, memory, kernel and Python of this machine, for reports whose figures
+    depend on it: timings, and trainings whose floating-point arithmetic adds up differently on
+    another CPU."""
+    model = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def conformal_threshold(scores: np.ndarray, fpr: float) -> float | None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import platform
 import statistics
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from training.report import machine
 
 from .compute import ComputeFloor
 from .contenders import Contender
@@ -44,17 +44,6 @@ def pick(runs: list[Run]) -> Run | None:
     """The run with the median req/s among those that finished (one per round)."""
     done = sorted((r for r in runs if r.load is not None), key=lambda r: r.load.rps)
     return done[len(done) // 2] if done else (runs[0] if runs else None)
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
 
 
 def header(info: RunInfo, one_png_bytes: int) -> list[str]:

@@ -4,10 +4,12 @@ anchors beside the VAE and the targets table."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.runtime import ModelRuntime
 from tests.conftest import quick_config
@@ -114,6 +116,9 @@ def test_quick_evaluation_reports_the_vae_beside_the_anchors(digits_artifact: Pa
             "| PCA recon | PCA KDE | OC-SVM | IForest | supervised reference |") in report
     assert "## The targets" in report and "digits: observed FPR at the 1% threshold (vae:excess)" in report
     assert "Defect segmenter" not in report
+    # trainings depend on the CPU they ran on, so the report names it
+    assert results["machine"].endswith(f"torch {torch.__version__}") and f"on {results['machine']}." in report
+    assert f"{os.cpu_count()} cores" in results["machine"]
     assert (tmp_path / "report" / "defects-digits-auroc.png").stat().st_size > 0
     assert (tmp_path / "report" / "results.json").exists()
 
