@@ -1,6 +1,6 @@
 """What the anomaly benchmarks (defect_ceiling, texture_drift, segmenter_spread) share: where the
-repository is, how a path and a command read in a report, and a run that leaves the caller's torch
-settings as they were (the tests call the benchmarks in process)."""
+repository is, how a path, a command and the run that made a report read in it, and a run that
+leaves the caller's torch settings as they were (the tests call the benchmarks in process)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import shlex
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from training.report import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +27,13 @@ def shown(path: Path) -> str:
 def command_line(module: str, argv: list[str] | None) -> str:
     """The command a report says it came from: `python -m <module>` and its arguments."""
     return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def made_by(command: str, seconds: float) -> str:
+    """A report's line on how it was made: the command, when, how long, and on which machine (its
+    trainings would come out differently on another CPU)."""
+    return (f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all, "
+            f"on {machine()}, torch {torch.__version__}.")
 
 
 def comma_choices(parser: argparse.ArgumentParser, flag: str, value: str, allowed: Iterable[str]) -> tuple[str, ...]:

@@ -22,7 +22,6 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, comma_choices, command_line, isolated, shown
+from benchmarks.common import ROOT, comma_choices, command_line, isolated, made_by, shown
 from training.defects import IMAGE_DEFECTS, defective_set
 from training.evaluate import ANCHOR_NAMES, default_of
 from training.export import artifact_splits, load_artifact
@@ -149,7 +148,7 @@ def write_report(ceiling: dict[str, float], seconds: dict[str, float], options: 
               else "no `make eval` results for this data set")
     lines = [
         f"# How separable each defect kind is: a supervised ceiling ({dataset})", "",
-        f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {sum(seconds.values()):.0f} s in all.", "",
+        made_by(command, sum(seconds.values())), "",
         f"- artifact: `{shown(options.artifact)}` (its training split: {train_images} images; its test split's "
         f"first {options.test_images} are the defects suite's clean images)",
         f"- per kind: a CNN classifier ({_weights(metadata):,} weights) trained for {options.epochs} epochs on "

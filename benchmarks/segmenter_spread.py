@@ -25,7 +25,6 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, command_line, isolated, shown
+from benchmarks.common import ROOT, command_line, isolated, made_by, shown
 from training import evaluate
 from training.calibrate import rebuild_servable
 from training.defects import IMAGE_DEFECTS, TEXTURE_DEFECTS, defective_set
@@ -199,7 +198,7 @@ def write_report(figures: dict[str, dict[str, dict[str, float]]], subject: Subje
     levels = options.levels or own_levels
     lines = [
         f"# How far the segmenter's seed moves the scores ({subject.name})", "",
-        f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.", "",
+        made_by(command, seconds), "",
         f"- artifact: `{shown(subject.path)}`; `shipped` is its own segmenter, each `seed N` a fresh one "
         f"trained from seed N (initial weights, corruptions, sample of training images) for {steps} steps, "
         f"with {levels} levels (the artifact's own: {own_levels}), the VAE and the local statistics unchanged",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, comma_choices, command_line, isolated
+from benchmarks.common import ROOT, comma_choices, command_line, isolated, made_by
 from training import evaluate
 from training.evaluate import TEXTURE_BANDS, TEXTURES, binomial_interval, conformal_threshold, flagged
 from training.export import load_artifact, score_images
@@ -174,7 +173,7 @@ def write_report(results: dict[str, Any], curves: dict[str, Any], options: Optio
                                    for split, b in block["splits"].items()) for name, block in results.items())
     lines = [
         "# Texture false positives: the threshold, or the photograph drifting?", "",
-        f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.", "",
+        made_by(command, seconds), "",
         "- each texture's `make eval` artifact: trained on the left band of the photograph, its threshold "
         "set on the middle band (**as shipped**), scored on clean patches of the right band",
         "- **in band**: a threshold set on some of the right band's patches, applied to others that share "

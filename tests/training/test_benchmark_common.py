@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import ROOT, command_line, isolated, shown
+from benchmarks.common import ROOT, command_line, isolated, made_by, shown
 
 
 def test_a_report_names_paths_inside_the_repository_relative_to_it() -> None:
@@ -18,6 +19,12 @@ def test_a_report_names_paths_inside_the_repository_relative_to_it() -> None:
 def test_the_command_line_quotes_its_arguments() -> None:
     assert command_line("benchmarks.texture_drift", []) == "python -m benchmarks.texture_drift"
     assert command_line("benchmarks.x", ["--out", "a b"]) == "python -m benchmarks.x --out 'a b'"
+
+
+def test_a_report_says_how_and_where_it_was_made() -> None:
+    line = made_by("python -m benchmarks.x", 61.4)
+    assert line.startswith("`python -m benchmarks.x`, ") and " UTC, 61 s in all, on " in line
+    assert f"{os.cpu_count()} cores" in line and line.endswith(f"torch {torch.__version__}.")
 
 
 def test_isolated_restores_threads_and_the_random_stream_even_on_error() -> None:
