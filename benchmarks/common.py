@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.report import machine
+from training.report import training_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def made_by(command: str, seconds: float) -> str:
     """A report's line on how it was made: the command, when, how long, and on which machine (its
     trainings would come out differently on another CPU)."""
     return (f"`{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all, "
-            f"on {machine()}, torch {torch.__version__}.")
+            f"on {training_machine()}.")
 
 
 def comma_choices(parser: argparse.ArgumentParser, flag: str, value: str, allowed: Iterable[str]) -> tuple[str, ...]:

@@ -75,7 +75,7 @@ from .plots import save_figure  # noqa: E402
 from .reference import NAME as REFERENCE  # noqa: E402
 from .reference import SupervisedReference  # noqa: E402
 from .report import conformal_threshold as report_threshold  # noqa: E402
-from .report import machine  # noqa: E402
+from .report import training_machine  # noqa: E402
 from .scoring import LEARNED_KINDS  # noqa: E402
 from .segmenter import LEVEL_CHOICES  # noqa: E402
 from .segmenter import LEVELS as SEGMENTER_LEVELS  # noqa: E402
@@ -861,7 +861,7 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     started = time.perf_counter()
     # trainings come out differently on another CPU (README, "Run to run"), so the report says which
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M"), "suite_seconds": {},
-                               "machine": f"{machine()}, torch {torch.__version__}"}
+                               "machine": training_machine()}
     contexts: dict[str, Context] = {}
     if {"defects", "calibration"} & set(options.suites):
         for name, path in image_artifacts(options).items():

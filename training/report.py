@@ -69,6 +69,11 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def training_machine() -> str:
+    """`machine()` and the torch version: what a training's figures depend on."""
+    return f"{machine()}, torch {torch.__version__}"
+
+
 def conformal_threshold(scores: np.ndarray, fpr: float) -> float | None:
     """The service's rule (service/runtime.py, restated: training never imports the service): the
     calibration score such that `score > threshold` exactly when the conformal p-value
