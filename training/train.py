@@ -250,13 +250,7 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
     best = {"val": float("inf"), "epoch": -1, "bad_epochs": 0, "state": None}
     start_epoch, seconds_before = 0, 0.0
     if config.resume:
-        state = load_checkpoint(checkpoint_path(out), config)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        seconds_before = state["seconds"]
-        if corruptor is not None:
-            restore_stream(corruptor, state["corruptor"], dist)
+        history, best, start_epoch, seconds_before = resume(config, vae, optimizer, corruptor, dist)
         log(f"resumed from {checkpoint_path(out)} at epoch {start_epoch}")
 
     log_every = max(1, config.epochs // 10) if config.epochs > 50 else 1   # the seed logs every 20 of 201
@@ -295,6 +289,18 @@ def train(config: TrainConfig, command: str | None = None) -> dict[str, Any]:
         torch_dist.barrier()
         torch_dist.destroy_process_group()
     return metadata
+
+
+def resume(config: TrainConfig, vae: VAE, optimizer: torch.optim.Optimizer, corruptor: Corruptor | None,
+           dist: Distributed) -> tuple[list[dict[str, float]], dict[str, Any], int, float]:
+    """Load the checkpoint beside `config.out` into the model, the optimizer and each rank's corruption
+    stream; return the history, the best so far, the epoch to start from and the seconds already spent."""
+    state = load_checkpoint(checkpoint_path(Path(config.out)), config)
+    vae.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if corruptor is not None:
+        restore_stream(corruptor, state["corruptor"], dist)
+    return state["history"], state["best"], state["epoch"], state["seconds"]
 
 
 def track_best(best: dict[str, Any], val_total: float, vae: VAE, epoch: int) -> dict[str, Any]:
