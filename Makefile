@@ -58,9 +58,10 @@ eval-drift: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.texture_drift
 
 # how far the segmenter's seed alone moves the learned and fused figures, on models/fashion.pt and
-# make eval's brick model (four fresh segmenters each, two at a time on one core each: one of
-# Fashion-MNIST's 48,000 steps took 78 min on one thread, so about 3 hours for its four; brick's four
-# at 6,000 steps took 42 min one after another beside other jobs; more if brick's model is not cached)
+# make eval's brick model (four fresh segmenters each, two at a time on one core each: two of
+# Fashion-MNIST's 48,000-step ones took 66 min side by side on 2 cores, so about 2.2 hours for its four;
+# brick's four at 6,000 steps took 42 min one after another beside other jobs; more if brick's model is
+# not cached)
 eval-spread: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.segmenter_spread --jobs 2 --threads 1
 	$(BIN)/python -m benchmarks.segmenter_spread --texture brick --jobs 2 --threads 1
