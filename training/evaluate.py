@@ -383,12 +383,12 @@ class Options:
     texture_overrides: dict[str, Any] = field(default_factory=lambda: dict(TEXTURE_MODEL))
     # per texture (None: as training gives them). 4x training's 1,500 took brick's fused 0.871 -> 0.921;
     # on grass each of three seeds at 12,000 beat both at 6,000 (0.909-0.922 against 0.883-0.891),
-    # where brick gained nothing more (README)
+    # where brick gained nothing more (docs/anomaly-detection.md)
     texture_segmenter_steps: dict[str, int | None] = field(
         default_factory=lambda: {"brick": 6000, "grass": 12000, "gravel": 6000})
     # every texture keeps the 2-level segmenter: a third (quarter-resolution) level gave brick 0.908,
     # 0.916 and 0.921 on seeds 0 to 2 against 0.884 to 0.921 for five 2-level seeds (0.921 the
-    # shipped seed 0's), grass and gravel came out level: within what a texture's seeds move (README)
+    # shipped seed 0's), grass and gravel came out level: within what a texture's seeds move (docs)
     texture_segmenter_levels: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(TEXTURES, SEGMENTER_LEVELS))
     threads: int = 1                   # torch threads for the trainings: a second one is slower on a busy machine
@@ -859,7 +859,7 @@ def run(options: Options, command: str = "training.evaluate") -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}: expected some of {', '.join(SUITES)}")
     started = time.perf_counter()
-    # trainings come out differently on another CPU (README, "Run to run"), so the report says which
+    # trainings come out differently on another CPU (docs/anomaly-detection.md, "Run to run"), so the report says which
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M"), "suite_seconds": {},
                                "machine": training_machine()}
     contexts: dict[str, Context] = {}

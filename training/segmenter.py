@@ -14,7 +14,7 @@ corruptions (`training.corruptions`), none of them the evaluation's.
 That network (`DefectSegmenter`, 2 levels: full and half resolution) reads a window of about 17
 pixels across around each pixel. `DeepDefectSegmenter` (3 levels) adds a quarter-resolution stage
 and reads about 38, more than a Fashion-MNIST image's side; a pass takes 1.3 to 1.6 times as
-long, and it learns more per step (both measured in the README, "Anomaly detection, measured").
+long, and it learns more per step (both measured in docs/anomaly-detection.md).
 An artifact records its segmenter's levels; one without the field has 2.
 
 Trained with the focal loss (Lin et al., 2017): most pixels are clean, and the loss should come
